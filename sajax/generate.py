@@ -1,0 +1,170 @@
+"""Batched generation with a KV cache, and scoring of given continuations.
+
+`generate` left-pads the prompts (length rounded up to `length_bucket` so that similar batches share one
+compile), fills the cache with one prefill pass, then decodes one token per step inside a jitted
+`lax.while_loop` that stops when every row has produced an end-of-sequence token or `max_new_tokens` are out.
+Sampling settings are traced values: changing temperature/top-k/top-p does not recompile.
+
+`score_continuations` returns log p(continuation | prompt) for each pair in one forward pass; the simulator reads
+a 1–7 rating as a distribution over the rating tokens with it, never by parsing free text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sajax.config import LlamaConfig
+from sajax.model import Llama, init_cache, positions_from_mask
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: np.ndarray  # [B, N] int32: new tokens, `pad_token_id` after a row's end
+    lengths: np.ndarray  # [B] int32: new tokens per row, its end-of-sequence token included
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length_bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists → (ids [B,P], mask [B,P]) aligned to the right; P = longest rounded up to `length_bucket`."""
+    if not sequences:
+        raise ValueError("no prompts given")
+    for i, seq in enumerate(sequences):
+        if len(seq) == 0:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+    width = _round_up(max(len(s) for s in sequences), length_bucket)
+    ids = np.full((len(sequences), width), pad_id, np.int32)
+    mask = np.zeros((len(sequences), width), np.int32)
+    for i, seq in enumerate(sequences):
+        ids[i, width - len(seq):] = seq
+        mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Next tokens [B] from logits [B,V].
+
+    temperature == 0: argmax. Otherwise sample from softmax(logits / temperature) restricted to the top_k
+    largest logits (top_k <= 0: no limit) and to the smallest set of most likely tokens whose probability
+    reaches top_p (top_p >= 1: no limit)."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    descending = -jnp.sort(-scaled, axis=-1)  # [B,V]
+    vocab = logits.shape[-1]
+    kth = jnp.take(descending, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)[:, None]
+    kth = jnp.where(top_k > 0, kth, -jnp.inf)
+    probs = jax.nn.softmax(descending, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
+    nucleus = mass_before < top_p
+    pth = jnp.min(jnp.where(nucleus, descending, jnp.inf), axis=-1, keepdims=True)
+    threshold = jnp.maximum(kth, pth)
+    sampled = jax.random.categorical(rng, jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _generate(config: LlamaConfig, max_new_tokens: int, params, prompt_ids, prompt_mask, rng, temperature, top_k,
+              top_p, eos_ids, pad_id):
+    model = Llama(config)
+    batch, prompt_len = prompt_ids.shape
+    cache = init_cache(config, batch, prompt_len + max_new_tokens)
+    key_mask = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32).at[:, :prompt_len].set(prompt_mask)
+    positions = positions_from_mask(prompt_mask)
+    logits, cache = model.apply({"params": params}, prompt_ids, positions, key_mask, cache, 0)
+
+    def pick(step, logits, done):
+        token = sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+        token = jnp.where(done, pad_id, token)
+        return token, done | jnp.isin(token, eos_ids)
+
+    tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    token, done = pick(0, logits[:, -1], jnp.zeros((batch,), bool))
+    state = (1, tokens.at[:, 0].set(token), token, done, positions[:, -1] + 1, key_mask, cache)
+
+    def cond(state):
+        step, _, _, done, *_ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tokens, token, done, position, key_mask, cache = state
+        slot = prompt_len + step - 1  # where the previous token's key/value goes
+        key_mask = key_mask.at[:, slot].set(1)
+        logits, cache = model.apply({"params": params}, token[:, None], position[:, None], key_mask, cache, slot)
+        token, done = pick(step, logits[:, 0], done)
+        return step + 1, tokens.at[:, step].set(token), token, done, position + 1, key_mask, cache
+
+    tokens = jax.lax.while_loop(cond, body, state)[1]
+    ended = jnp.isin(tokens, eos_ids)
+    first_end = jnp.where(ended.any(axis=1), jnp.argmax(ended, axis=1) + 1, max_new_tokens)
+    return tokens, first_end.astype(jnp.int32)
+
+
+def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             length_bucket: int = 32) -> Generation:
+    """Continues each token list in `prompts`; deterministic for a given seed. `eos_token_id` defaults to the
+    config's (a row stops at the first one), `pad_token_id` to the config's (else 0)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    eos = config.eos_token_ids if eos_token_id is None else (
+        (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+    pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
+    ids, mask = left_pad(prompts, pad, length_bucket)
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_position_embeddings ({config.max_position_embeddings})")
+    tokens, lengths = _generate(config, max_new_tokens, params, ids, mask, jax.random.key(seed),
+                                jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                                jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad))
+    return Generation(np.asarray(tokens), np.asarray(lengths))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _continuation_logprobs(config: LlamaConfig, params, ids, mask, continuation_mask):
+    logits, _ = Llama(config).apply({"params": params}, ids, positions_from_mask(mask), mask)
+    logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # predicts ids[:, 1:]
+    token_logprobs = jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(token_logprobs * continuation_mask[:, 1:], axis=-1)
+
+
+def score_continuations(config: LlamaConfig, params, prompts: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[int]], length_bucket: int = 32) -> np.ndarray:
+    """log p(continuations[i] | prompts[i]) = Σ_j log softmax(logits at the token before j)[token j], summed over
+    the continuation's tokens; float32 [N], one forward pass over right-padded prompt+continuation rows."""
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        if not prompt or not continuation:
+            raise ValueError(f"pair {i}: prompt and continuation need at least one token each")
+    width = _round_up(max(len(p) + len(c) for p, c in zip(prompts, continuations)), length_bucket)
+    ids = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros_like(ids)
+    continuation_mask = np.zeros(ids.shape, np.float32)
+    for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        n, m = len(prompt), len(continuation)
+        ids[i, :n + m] = list(prompt) + list(continuation)
+        mask[i, :n + m] = 1
+        continuation_mask[i, n:n + m] = 1
+    return np.asarray(_continuation_logprobs(config, params, ids, mask, continuation_mask))
+
+
+def generate_text(config: LlamaConfig, params, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
+    """Text in, text out: encodes with the tokenizer's special tokens (BOS), decodes without them."""
+    encoded = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    out = generate(config, params, encoded, **kwargs)
+    return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(out.tokens, out.lengths)]

@@ -1,0 +1,290 @@
+"""Flax (linen) LLaMA, numerically the same function as transformers' `LlamaForCausalLM`.
+
+Shapes: B batch, T query length, S key length (= T without a cache, the cache length with one), D hidden,
+H query heads, K key/value heads (H = K·G, grouped-query attention), E head_dim, F intermediate, V vocab, L layers.
+
+Every parameter carries logical axis names (`vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers`) that
+`sajax.sharding` maps to mesh axes. RoPE uses the half-split ("rotate_half") layout of HF checkpoints, so HF
+q/k projection weights are used as they are, with no permutation.
+
+One call serves training, prefill and decoding:
+  `Llama(config)(input_ids [B,T], positions [B,T], key_mask [B,S], cache=None, cache_index=0)`
+A key at slot s is visible to the query at slot `cache_index + t` iff `key_mask[b, s]` and `s <= cache_index + t`
+(causal + padding). With a cache, the new keys/values are written at slots `[cache_index, cache_index + T)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sajax.config import Llama3RopeScaling, LlamaConfig
+
+Array = jax.Array
+KVCache = dict  # {"k": [L, B, S, K, E], "v": [L, B, S, K, E]}
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _param(module: nn.Module, name: str, shape, axes, init, config: LlamaConfig):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(config.param_dtype))
+
+
+def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    """Sharding hint for activations; a no-op unless a mesh and logical rules are active (sajax.sharding)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+# ---- RoPE ---------------------------------------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: Llama3RopeScaling | None) -> np.ndarray:
+    """inv_freq_i = theta^(-2i/E) for i < E/2, then (llama3) for wavelength w_i = 2π / inv_freq_i:
+    w > orig/low: inv_freq/factor;  w < orig/high: inv_freq;  otherwise (1-s)·inv_freq/factor + s·inv_freq
+    with s = (orig/w − low) / (high − low).  Returns float32 [E/2]."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)
+    inv_freq = inv_freq.astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    orig = scaling.original_max_position_embeddings
+    low_wavelen = orig / scaling.low_freq_factor
+    high_wavelen = orig / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (orig / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """x [B,T,N,E] rotated by angle positions·inv_freq: x·cos + rotate_half(x)·sin, computed in float32
+    (rotate_half([a, b]) = [−b, a], the two halves of E)."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B,T,E/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B,T,1,E]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# ---- Layers -------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) · weight, normalised in float32."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = _param(self, "weight", (x.shape[-1],), ("norm",), nn.initializers.ones, self.config)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        dtype = _dtype(self.config.dtype)
+        return y.astype(dtype) * weight.astype(dtype)
+
+
+def attention_mask(key_mask: Array, query_len: int, cache_index: Array | int) -> Array:
+    """[B,S] key validity → [B,T,S] boolean: key s visible to query t iff key_mask[b,s] and s <= cache_index + t."""
+    query_slot = cache_index + jnp.arange(query_len)[:, None]  # [T,1]
+    key_slot = jnp.arange(key_mask.shape[1])[None, :]  # [1,S]
+    return key_mask[:, None, :].astype(bool) & (key_slot <= query_slot)[None]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; softmax(q·kᵀ/√E + mask)·v in float32, then the output projection."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array, layer_cache, cache_index):
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        d, h, k, e = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        dtype = _dtype(c.dtype)
+        wq = _param(self, "q_proj", (d, h, e), ("embed", "heads", "head_dim"), init, c).astype(dtype)
+        wk = _param(self, "k_proj", (d, k, e), ("embed", "kv_heads", "head_dim"), init, c).astype(dtype)
+        wv = _param(self, "v_proj", (d, k, e), ("embed", "kv_heads", "head_dim"), init, c).astype(dtype)
+        wo = _param(self, "o_proj", (h, e, d), ("heads", "head_dim", "embed"), init, c).astype(dtype)
+
+        inv_freq = rope_inverse_frequencies(e, c.rope_theta, c.rope_scaling)
+        q = apply_rope(jnp.einsum("btd,dhe->bthe", x, wq), positions, inv_freq)
+        key = apply_rope(jnp.einsum("btd,dke->btke", x, wk), positions, inv_freq)
+        value = jnp.einsum("btd,dke->btke", x, wv)
+        q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+
+        new_cache = None
+        if layer_cache is not None:  # write this step's keys/values at [cache_index, cache_index + T)
+            start = (0, cache_index, 0, 0)
+            key = jax.lax.dynamic_update_slice(layer_cache["k"], key.astype(layer_cache["k"].dtype), start)
+            value = jax.lax.dynamic_update_slice(layer_cache["v"], value.astype(layer_cache["v"].dtype), start)
+            new_cache = {"k": key, "v": value}
+            key, value = key.astype(dtype), value.astype(dtype)
+
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, k, h // k, e)  # query head n = kv head (n // G), member (n % G), as HF's repeat_kv
+        scores = jnp.einsum("btkge,bske->bkgts", q, key).astype(jnp.float32) / math.sqrt(e)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bske->btkge", probs, value).reshape(b, t, h, e)
+        return jnp.einsum("bthe,hed->btd", out, wo), new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(x·gate) ⊙ (x·up))."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        dtype = _dtype(c.dtype)
+        d, f = c.hidden_size, c.intermediate_size
+        gate = _param(self, "gate_proj", (d, f), ("embed", "mlp"), init, c).astype(dtype)
+        up = _param(self, "up_proj", (d, f), ("embed", "mlp"), init, c).astype(dtype)
+        down = _param(self, "down_proj", (f, d), ("mlp", "embed"), init, c).astype(dtype)
+        hidden = jax.nn.silu(jnp.einsum("btd,df->btf", x, gate)) * jnp.einsum("btd,df->btf", x, up)
+        hidden = _constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        return jnp.einsum("btf,fd->btd", hidden, down)
+
+
+class DecoderLayer(nn.Module):
+    """x + attn(norm(x)), then + mlp(norm(·)). Signature fits `nn.scan`: (carry, per-layer xs, broadcasts...)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: Array, layer_cache, positions: Array, mask: Array, cache_index):
+        attn_out, new_cache = Attention(self.config, name="self_attn")(
+            RMSNorm(self.config, name="input_layernorm")(x), positions, mask, layer_cache, cache_index)
+        x = x + attn_out
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the layer in backward
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _layer_class(config: LlamaConfig):
+    if config.remat_policy == "none":
+        return DecoderLayer
+    return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
+
+
+class Llama(nn.Module):
+    """The causal LM. Returns (logits [B,T,V] float32, updated cache or None)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids: Array, positions: Array, key_mask: Array, cache: KVCache | None = None,
+                 cache_index: Array | int = 0):
+        c = self.config
+        dtype = _dtype(c.dtype)
+        embedding = _param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"),
+                           nn.initializers.normal(c.initializer_range), c)
+        x = jnp.take(embedding, input_ids, axis=0).astype(dtype)  # [B,T,D]
+        x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        mask = attention_mask(key_mask, input_ids.shape[1], cache_index)  # [B,T,S]
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+
+        layer_cls = _layer_class(c)
+        if c.scan_layers:
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
+                              metadata_params={nn.PARTITION_NAME: "layers"})
+            x, new_cache = scanned(c, name="layers")(x, cache, positions, mask, cache_index)
+        else:
+            layer_caches = []
+            for i in range(c.num_hidden_layers):
+                layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
+                x, layer_cache = layer_cls(c, name=f"layers_{i}")(x, layer_cache, positions, mask, cache_index)
+                layer_caches.append(layer_cache)
+            new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
+
+        x = RMSNorm(c, name="norm")(x)
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dtype))
+        else:
+            head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+                          nn.initializers.normal(c.initializer_range), c)
+            logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype))
+        logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits.astype(jnp.float32), new_cache
+
+
+# ---- Functional helpers -------------------------------------------------------------------------------------
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+    """Position of each token = number of real tokens before it (works for left and right padding) [B,T]."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(config: LlamaConfig, params, input_ids: Array, attention_mask: Array) -> Array:
+    """logits [B,T,V] (float32) for `input_ids` [B,T] with `attention_mask` [B,T] (1 = real token)."""
+    logits, _ = Llama(config).apply({"params": params}, input_ids, positions_from_mask(attention_mask),
+                                    attention_mask)
+    return logits
+
+
+def _init_boxed(config: LlamaConfig, rng: Array):
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return Llama(config).init(rng, ids, ids, jnp.ones((1, 1), jnp.int32))["params"]
+
+
+def init_params(config: LlamaConfig, rng: Array | int = 0):
+    """Random parameters (HF's init: normal(initializer_range) for matrices, ones for norms), as plain arrays."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    return nn.unbox(jax.jit(_init_boxed, static_argnums=0)(config, rng))
+
+
+def param_logical_axes(config: LlamaConfig):
+    """Tree like the params holding a `PartitionSpec` of logical axis names for every parameter."""
+    abstract = jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0))
+    return nn.get_partition_spec(abstract)
+
+
+def param_shapes(config: LlamaConfig):
+    """Tree like the params holding `jax.ShapeDtypeStruct`s (no memory allocated)."""
+    return nn.unbox(jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0)))
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> KVCache:
+    """Zeroed KV cache {"k", "v"}: [L, B, S, K, E] in the compute dtype."""
+    shape = (config.num_hidden_layers, batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, _dtype(config.dtype)), "v": jnp.zeros(shape, _dtype(config.dtype))}
+
+
+def stack_layers(params, num_layers: int):
+    """Unrolled layout (`layers_0` … `layers_{L-1}`) → scanned layout (`layers` with a leading [L] axis)."""
+    params = dict(params)
+    layers = [params.pop(f"layers_{i}") for i in range(num_layers)]
+    params["layers"] = jax.tree.map(lambda *a: np.stack(a) if isinstance(a[0], np.ndarray) else jnp.stack(a),
+                                    *layers)
+    return params
+
+
+def unstack_layers(params, num_layers: int):
+    """Scanned layout → unrolled layout (inverse of `stack_layers`)."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    return params

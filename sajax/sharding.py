@@ -1,0 +1,119 @@
+"""Device mesh, logical-axis rules and the NamedShardings of params, optimizer state and batches.
+
+The mesh has three axes:
+  data    pure data parallelism: params replicated, batch split
+  fsdp    data parallelism with params (and optimizer state) split along their `embed` axis, gathered per layer
+  tensor  Megatron-style tensor parallelism: heads, MLP width and vocab split
+Sizes come from config; -1 means "all remaining devices". The same code runs on 1 CPU device (every axis 1), on
+8 fake CPU devices, on GPUs and on TPU pods (multi-host: `jax.devices()` is global).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name → mesh axis (or axes, or None = replicated). Read top to bottom.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    # activations
+    ("batch", BATCH_AXES),
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh of shape (data, fsdp, tensor) over `devices` (default: all). At most one size may be -1."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    unknown = [name for name, size in sizes.items() if size == -1]
+    for name, size in sizes.items():
+        if size != -1 and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"mesh.{name} must be a positive integer or -1, got {size!r}")
+    if len(unknown) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {unknown}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if unknown:
+        if len(devices) % known:
+            raise ValueError(f"mesh {sizes}: {len(devices)} devices are not divisible by {known}")
+        sizes[unknown[0]] = len(devices) // known
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                         f"{len(devices)} are available")
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)  # topology-aware device order (TPU/GPU)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """Tree of logical `PartitionSpec`s → tree of `NamedSharding`s on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def param_shardings(config, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedSharding of every parameter of the LLaMA described by `config` (a `LlamaConfig`)."""
+    from sajax.model import param_logical_axes
+
+    return logical_to_sharding(param_logical_axes(config), mesh, rules)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params_abstract, params_sharding, mesh: Mesh):
+    """NamedShardings for `tx.init(params)`: per-parameter state (Adam moments, ...) shares its parameter's
+    sharding; everything else (step counts, scalars) is replicated."""
+    state_abstract = jax.eval_shape(tx.init, params_abstract)
+    replicated = NamedSharding(mesh, P())
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, state_abstract, params_sharding,
+                                 transform_non_params=lambda _: replicated)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) axis split over data × fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """Activates the model's activation-sharding hints while tracing: `with activation_rules(mesh): jit(...)`."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def describe(shardings, params=None) -> str:
+    """A readable table: parameter path, shape, PartitionSpec."""
+    lines = []
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    shapes = dict(jax.tree_util.tree_flatten_with_path(params)[0]) if params is not None else {}
+    for path, sharding in flat:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        shape = tuple(shapes[path].shape) if path in shapes else ""
+        lines.append(f"{name:60s} {str(shape):20s} {sharding.spec}")
+    return "\n".join(lines)

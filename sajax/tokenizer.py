@@ -1,0 +1,77 @@
+"""Tokenizers: load any transformers tokenizer from a local directory, or train a small LLaMA-style one offline.
+
+The trained tokenizer is a SentencePiece BPE model like LLaMA's (unk=0, bos=1, eos=2, byte fallback, digits
+split) plus a `<pad>` piece (id 3), saved with transformers' files next to `tokenizer.model`, so both
+`AutoTokenizer.from_pretrained(dir)` and `load_tokenizer(dir)` give the same tokenizer, which adds BOS.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+import transformers
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+_MIN_BYTE_FALLBACK_VOCAB = 320  # 256 byte pieces + special and required pieces
+
+
+def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
+    """A transformers tokenizer from a local directory (no downloads). A directory holding only a SentencePiece
+    `tokenizer.model` is read as a LLaMA tokenizer that adds BOS. A tokenizer without a pad token gets EOS as
+    its pad token (batches need one; the masks make its value irrelevant)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: tokenizer directory not found")
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    elif (path / "tokenizer.model").is_file():
+        tokenizer = transformers.LlamaTokenizer.from_pretrained(str(path), add_bos_token=True, local_files_only=True)
+    else:
+        raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer_config.json or tokenizer.model")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 512,
+                    ) -> transformers.PreTrainedTokenizerBase:
+    """Trains a LLaMA-style SentencePiece BPE tokenizer of `vocab_size` pieces on `texts` (one sentence or line
+    each) and saves it to `out_dir` (replaced as a whole only once complete). Returns the loaded tokenizer."""
+    if vocab_size < _MIN_BYTE_FALLBACK_VOCAB:
+        raise ValueError(f"vocab_size must be >= {_MIN_BYTE_FALLBACK_VOCAB} for byte fallback, got {vocab_size}")
+    lines = [t for t in texts if t and t.strip()]
+    if not lines:
+        raise ValueError("no text to train a tokenizer on")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_prefix=str(tmp / "tokenizer"), vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+            hard_vocab_limit=True, num_threads=1, minloglevel=2)
+        (tmp / "tokenizer.vocab").unlink()
+        tokenizer = transformers.LlamaTokenizer.from_pretrained(str(tmp), add_bos_token=True, local_files_only=True)
+        tokenizer.pad_token = "<pad>"
+        tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_tokenizer(out_dir)
+
+
+def demo_corpus() -> list[str]:
+    """The built-in English text (written for this project) that trains the offline demo tokenizer."""
+    text = resources.files("sajax").joinpath("assets/demo_corpus.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]

@@ -1,0 +1,28 @@
+"""sajax: Stable Alignment in JAX — the SANDBOX simulator (`sim`) and the sharded Flax LLaMA trainer (`sajax`)."""
+
+from setuptools import setup
+
+RUNTIME = [
+    "jax==0.10.2", "jaxlib==0.10.2", "flax==0.12.8", "optax==0.2.8", "orbax-checkpoint==0.12.8",
+    "transformers==5.23.0", "tokenizers==0.23.3", "sentencepiece==0.2.3", "safetensors==0.8.0",
+    "ml_collections==1.1.0", "tensorflow-datasets==4.9.10", "array-record==0.8.6", "grain==0.2.18",
+    "scann==1.4.2", "numpy==2.4.6", "protobuf==7.36.2", "tqdm==4.70.1",
+    "importlib_resources==7.1.0",  # TFDS needs it at run time but does not declare it on Python >= 3.11
+    "jinja2==3.1.6",  # transformers chat templates
+    "ml_dtypes==0.6.0",  # bfloat16 for numpy (safetensors I/O); the version jax 0.10.2 installs
+    "absl-py==2.5.1",  # CLI flags; the version ml_collections installs
+]
+TEST = ["pytest==9.2.0", "torch==2.13.0"]  # torch: the PyTorch LLaMA reference in tests only
+
+setup(
+    name="sajax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    packages=["sajax", "sajax.configs", "sim"],
+    package_dir={"sajax.configs": "configs"},
+    package_data={"sajax": ["assets/*.txt"]},
+    install_requires=RUNTIME,
+    extras_require={"test": TEST},
+    entry_points={"console_scripts": ["sajax-generate=sajax.cli:generate_main"]},
+)

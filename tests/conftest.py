@@ -1,0 +1,56 @@
+"""Shared test set-up: 8 fake CPU devices (for the sharding tests), fp32 everywhere, tiny reference models."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from sajax import hf  # noqa: E402
+from sajax.config import LlamaConfig  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def make_reference(seed: int = 0, **hf_kwargs):
+    """A random transformers `LlamaForCausalLM` (norm weights randomised too) and the same model as
+    (LlamaConfig, params). Weights are large enough (std 0.1) that logits are O(1), so 1e-4 is a real bound."""
+    kwargs = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kwargs.update(hf_kwargs)
+    torch.manual_seed(seed)
+    torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    config = LlamaConfig.from_hf_dict(torch_model.config.to_dict())
+    state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    return torch_model, config, hf.params_from_hf_state(config, state)
+
+
+def torch_logits(torch_model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch_model(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                           attention_mask=torch.as_tensor(mask, dtype=torch.long)).logits.numpy()
+
+
+def right_padded_batch(vocab_size: int, lengths=(24, 17, 9, 1), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    ids = rng.integers(3, vocab_size, (len(lengths), width)).astype(np.int32)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def gqa_reference():
+    """GQA (4 heads, 2 kv heads), untied, default RoPE: shared by the HF, generation and sharding tests."""
+    return make_reference(seed=1)

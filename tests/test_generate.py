@@ -1,0 +1,116 @@
+"""KV-cache decoding, sampling and continuation scoring."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import torch_logits
+from sajax import generate, model
+
+
+def _prompts(vocab_size, lengths=(5, 11, 2), seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab_size, n).tolist() for n in lengths]
+
+
+def test_cached_decoding_logits_equal_full_forward(gqa_reference):
+    _, config, params = gqa_reference
+    prompts = _prompts(config.vocab_size)
+    continuation = np.random.default_rng(1).integers(3, config.vocab_size, (3, 6)).astype(np.int32)
+    ids, mask = generate.left_pad(prompts, pad_id=0, length_bucket=16)
+    full_ids = np.concatenate([ids, continuation], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(continuation)], axis=1)
+    expected = np.asarray(model.forward(config, params, full_ids, full_mask))
+
+    llama = model.Llama(config)
+    prompt_len, total = ids.shape[1], full_ids.shape[1]
+    cache = model.init_cache(config, 3, total)
+    key_mask = np.zeros((3, total), np.int32)
+    key_mask[:, :prompt_len] = mask
+    positions = np.asarray(model.positions_from_mask(full_mask))
+    logits, cache = llama.apply({"params": params}, ids, positions[:, :prompt_len], key_mask, cache, 0)
+    valid = mask.astype(bool)
+    assert np.abs(np.asarray(logits) - expected[:, :prompt_len])[valid].max() <= 1e-5
+    step = jax.jit(lambda cache, token, pos, key_mask, index: llama.apply(
+        {"params": params}, token, pos, key_mask, cache, index))
+    for t in range(continuation.shape[1]):
+        slot = prompt_len + t
+        key_mask[:, slot] = 1
+        logits, cache = step(cache, continuation[:, t:t + 1], positions[:, slot:slot + 1], key_mask, slot)
+        assert np.abs(np.asarray(logits[:, 0]) - expected[:, slot]).max() <= 1e-5, f"decode step {t}"
+
+
+def test_greedy_equals_transformers_generate_with_per_row_eos(gqa_reference):
+    torch_model, config, params = gqa_reference
+    prompts = _prompts(config.vocab_size, lengths=(5, 11, 2, 7))
+    free = generate.generate(config, params, prompts, max_new_tokens=10, eos_token_id=[])
+    eos = int(free.tokens[0, 3])  # row 0 ends at step 3; others end where this token appears, if ever
+    ours = generate.generate(config, params, prompts, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    ids, mask = generate.left_pad(prompts, pad_id=0, length_bucket=1)
+    with torch.no_grad():
+        reference = torch_model.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                                         attention_mask=torch.as_tensor(mask, dtype=torch.long), do_sample=False,
+                                         max_new_tokens=10, eos_token_id=eos, pad_token_id=0).numpy()
+    reference = reference[:, ids.shape[1]:]
+    assert ours.lengths[0] == 4 and ours.tokens[0, 3] == eos and (ours.tokens[0, 4:] == 0).all()
+    np.testing.assert_array_equal(ours.tokens[:, :reference.shape[1]], reference)
+    for row, n in enumerate(ours.lengths):
+        assert (ours.tokens[row, n:] == 0).all()
+        assert eos not in ours.tokens[row, :n - 1]
+
+
+def test_sampling_is_deterministic_and_respects_limits(gqa_reference):
+    _, config, params = gqa_reference
+    prompts = _prompts(config.vocab_size)
+    kwargs = dict(max_new_tokens=8, eos_token_id=[])
+    a = generate.generate(config, params, prompts, temperature=1.0, seed=5, **kwargs)
+    b = generate.generate(config, params, prompts, temperature=1.0, seed=5, **kwargs)
+    c = generate.generate(config, params, prompts, temperature=1.0, seed=6, **kwargs)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any()
+    greedy = generate.generate(config, params, prompts, **kwargs).tokens
+    for limits in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-5)):
+        sampled = generate.generate(config, params, prompts, seed=7, **{"temperature": 1.0, **limits}, **kwargs)
+        np.testing.assert_array_equal(sampled.tokens, greedy, err_msg=str(limits))
+
+
+def test_sample_logits_distribution_and_truncation():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    rngs = jax.random.key(0)
+    draw = jax.jit(generate.sample_logits)
+    counts = np.bincount(np.asarray(draw(logits, rngs, 1.0, 0, 1.0)), minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    top2 = np.bincount(np.asarray(draw(logits, rngs, 1.0, 2, 1.0)), minlength=4) / 4000
+    assert top2[2:].sum() == 0 and abs(top2[0] - 0.625) < 0.03
+    nucleus = np.bincount(np.asarray(draw(logits, rngs, 1.0, 0, 0.9)), minlength=4) / 4000
+    assert nucleus[3] == 0 and nucleus[2] > 0  # 0.5 + 0.3 < 0.9: the third token is still needed
+
+
+def test_score_continuations_matches_reference_logprobs(gqa_reference):
+    torch_model, config, params = gqa_reference
+    prompts = _prompts(config.vocab_size, lengths=(4, 9, 1))
+    continuations = [[5], [7, 8, 9], [10, 11]]
+    scores = generate.score_continuations(config, params, prompts, continuations)
+    for prompt, continuation, score in zip(prompts, continuations, scores):
+        ids = np.asarray([prompt + continuation])
+        logprobs = torch.log_softmax(torch.as_tensor(torch_logits(torch_model, ids, np.ones_like(ids))), -1)[0]
+        expected = sum(float(logprobs[len(prompt) + j - 1, tok]) for j, tok in enumerate(continuation))
+        assert abs(score - expected) <= 1e-4
+    # a 1–7 rating read as a distribution over the rating tokens
+    ratings = generate.score_continuations(config, params, [prompts[0]] * 7, [[t] for t in range(20, 27)])
+    probs = np.exp(ratings) / np.exp(ratings).sum()
+    assert probs.shape == (7,) and abs(probs.sum() - 1) < 1e-6
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c, p: generate.generate(c, p, [[1], []], max_new_tokens=2), "prompt 1 is empty"),
+    (lambda c, p: generate.generate(c, p, [[1]], max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (lambda c, p: generate.generate(c, p, [[1] * 2000], max_new_tokens=100), "exceeds max_position_embeddings"),
+    (lambda c, p: generate.score_continuations(c, p, [[1]], [[2], [3]]), "1 prompts but 2 continuations"),
+])
+def test_bad_generation_requests_are_named(gqa_reference, call, message):
+    _, config, params = gqa_reference
+    with pytest.raises(ValueError, match=message):
+        call(config, params)
