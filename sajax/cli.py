@@ -15,7 +15,7 @@ import tempfile
 from importlib import resources
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sajax import generate, hf, model, sharding, tokenizer
@@ -35,7 +35,7 @@ def load_model_and_tokenizer(cfg, hf_dir: str | None, workdir: str):
     """(config, params, tokenizer) from a HF directory, or random params of `cfg.model` size + a tokenizer."""
     if hf_dir:
         runtime = {k: cfg.model[k] for k in ("dtype", "remat_policy", "scan_layers")}
-        config, params = hf.load_pretrained(hf_dir, dtype=cfg.model.param_dtype, **runtime)
+        config, params = hf.load_pretrained(hf_dir, param_dtype=cfg.model.param_dtype, **runtime)
         tok = tokenizer.load_tokenizer(hf_dir)
     else:
         config = LlamaConfig.from_dict(cfg.model)
@@ -63,6 +63,7 @@ def _generate_main(argv) -> None:
 
 
 def _generate() -> None:
+    logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
     initialize_distributed()
     cfg = _FLAGS.config
     with tempfile.TemporaryDirectory() as workdir:
@@ -81,15 +82,38 @@ def _generate() -> None:
 
 
 def generate_main() -> None:
+    _run_app(_generate_main, _define_generate_flags)
+
+
+def _define_generate_flags() -> None:
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml_collections config file (get_config()).")
     flags.DEFINE_string("model", None, "HF LLaMA directory (config.json, *.safetensors, tokenizer files).")
     flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for a batch. Default: config.generate.prompts.")
-    app.run(_generate_main, argv=sys.argv, flags_parser=_parse_flags)
+
+
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+
+
+def _run_app(main, define_flags) -> None:
+    """absl app.run with bad flags / `--config.key=value` overrides reported in one line, exit status 2.
+    (config_flags applies overrides already when the flag is defined, hence the guard around `define_flags`.)"""
+    try:
+        define_flags()
+    except _FLAG_ERRORS as e:
+        _flag_error(e)
+    app.run(main, argv=sys.argv, flags_parser=_parse_flags)
 
 
 def _parse_flags(argv):
     try:
         return _FLAGS(argv)
-    except flags.Error as e:
-        sys.stderr.write(f"error: {e}\nPass --help for usage.\n")
-        sys.exit(2)
+    except _FLAG_ERRORS as e:
+        _flag_error(e)
+
+
+def _flag_error(error: BaseException) -> None:
+    message = error
+    while isinstance(message, BaseException) and message.args:  # unwrap AttributeError(KeyError('...'))
+        message = message.args[0]
+    sys.stderr.write(f"error: bad flag: {message}\nPass --help for usage.\n")
+    sys.exit(2)

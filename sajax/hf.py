@@ -143,9 +143,9 @@ class _LazyTensors:
         return self._handles[path].get_tensor(name)
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str | None = None, **runtime) -> tuple[LlamaConfig, dict]:
-    """(config, params) from a HF LLaMA directory. `dtype` sets the parameter dtype (default: float32);
-    `runtime` sets other run-time options of `LlamaConfig` (dtype of compute, remat_policy, scan_layers)."""
+def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> tuple[LlamaConfig, dict]:
+    """(config, params) from a HF LLaMA directory, parameters cast to `param_dtype`. `runtime` sets the other
+    run-time options of `LlamaConfig` (dtype of compute, remat_policy, scan_layers)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -154,7 +154,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, **runtime
         hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from e
-    config = LlamaConfig.from_hf_dict(hf_config, source=str(config_file), param_dtype=dtype or "float32", **runtime)
+    config = LlamaConfig.from_hf_dict(hf_config, source=str(config_file), param_dtype=param_dtype, **runtime)
 
     index_file, single = path / "model.safetensors.index.json", path / "model.safetensors"
     if index_file.is_file():

@@ -76,10 +76,26 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 
 
 def param_shardings(config, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-    """NamedSharding of every parameter of the LLaMA described by `config` (a `LlamaConfig`)."""
-    from sajax.model import param_logical_axes
+    """NamedSharding of every parameter of the LLaMA described by `config` (a `LlamaConfig`); raises a
+    ValueError naming the parameter if a dimension does not divide evenly over its mesh axes."""
+    from sajax.model import param_logical_axes, param_shapes
 
-    return logical_to_sharding(param_logical_axes(config), mesh, rules)
+    shardings = logical_to_sharding(param_logical_axes(config), mesh, rules)
+    check_divisible(param_shapes(config), shardings)
+    return shardings
+
+
+def check_divisible(shapes, shardings) -> None:
+    """Every sharded dimension must be a multiple of the product of its mesh axis sizes."""
+    for (path, shape), sharding in zip(jax.tree_util.tree_flatten_with_path(shapes)[0],
+                                       jax.tree.leaves(shardings)):
+        for dim, (size, axes) in enumerate(zip(shape.shape, sharding.spec)):
+            axes = (axes,) if isinstance(axes, str) else (axes or ())
+            ways = math.prod(sharding.mesh.shape[a] for a in axes)
+            if size % ways:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise ValueError(f"parameter {name} dim {dim} has size {size}, not divisible by mesh axes "
+                                 f"{axes} of total size {ways}; change the mesh or the model size")
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, params_abstract, params_sharding, mesh: Mesh):

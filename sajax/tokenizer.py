@@ -52,12 +52,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_prefix=str(tmp / "tokenizer"), vocab_size=vocab_size,
-            model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
-            hard_vocab_limit=True, num_threads=1, minloglevel=2)
+        _train_sentencepiece(lines, tmp, vocab_size)
         (tmp / "tokenizer.vocab").unlink()
         tokenizer = transformers.LlamaTokenizer.from_pretrained(str(tmp), add_bos_token=True, local_files_only=True)
         tokenizer.pad_token = "<pad>"
@@ -69,6 +64,18 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load_tokenizer(out_dir)
+
+
+def _train_sentencepiece(lines: list[str], directory: Path, vocab_size: int) -> None:
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+            hard_vocab_limit=True, num_threads=1, minloglevel=2)
+    except RuntimeError as e:  # e.g. a vocab_size too small or too large for the text
+        raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on this text: {e}") from e
 
 
 def demo_corpus() -> list[str]:

@@ -48,7 +48,7 @@ def test_half_precision_checkpoints_load_exactly(tmp_path, gqa_reference, torch_
     config, params = hf.load_pretrained(tmp_path)  # upcast to float32
     expected = half.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T
     np.testing.assert_array_equal(params["layers_1"]["mlp"]["down_proj"], expected)
-    config16, params16 = hf.load_pretrained(tmp_path, dtype=ours)
+    config16, params16 = hf.load_pretrained(tmp_path, param_dtype=ours)
     assert params16["embed_tokens"].dtype.name == ours and config16.param_dtype == ours
     np.testing.assert_array_equal(params16["embed_tokens"].astype(np.float32), params["embed_tokens"])
 
@@ -81,7 +81,7 @@ def test_bfloat16_export_round_trips(tmp_path, gqa_reference):
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
-    _, back = hf.load_pretrained(tmp_path, dtype="bfloat16")
+    _, back = hf.load_pretrained(tmp_path, param_dtype="bfloat16")
     assert jax.tree.all(jax.tree.map(np.array_equal, back, params16))
 
 

@@ -1,0 +1,114 @@
+"""Mesh sharding on 8 fake CPU devices (data=2, fsdp=2, tensor=2) against one device."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import make_reference, right_padded_batch
+from sajax import model, sharding
+
+
+@pytest.fixture(scope="module")
+def reference():
+    # vocab and widths divisible by the tensor/fsdp axes
+    return make_reference(seed=4, vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                          num_key_value_heads=2)
+
+
+def _loss(config, params, ids, mask):
+    """Mean next-token cross-entropy over real tokens."""
+    logits = model.forward(config, params, ids, mask)
+    logprobs = jax.nn.log_softmax(logits[:, :-1])
+    nll = -jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
+    weights = mask[:, 1:] * mask[:, :-1]
+    return jnp.sum(nll * weights) / jnp.sum(weights)
+
+
+def _sgd_step(config, params, ids, mask, lr=0.5):
+    grads = jax.grad(functools.partial(_loss, config))(params, ids, mask)
+    return jax.tree.map(lambda p, g: p - lr * g, params, grads)
+
+
+def _run_on(mesh, config, params, ids, mask):
+    """Forward logits and one SGD step, jitted with explicit in/out shardings on `mesh`."""
+    param_sh = sharding.param_shardings(config, mesh)
+    batch_sh = sharding.batch_sharding(mesh, 2)
+    params = jax.device_put(params, param_sh)
+    ids, mask = jax.device_put(ids, batch_sh), jax.device_put(mask, batch_sh)
+    with sharding.activation_rules(mesh):
+        logits = jax.jit(functools.partial(model.forward, config), in_shardings=(param_sh, batch_sh, batch_sh),
+                         out_shardings=sharding.batch_sharding(mesh, 3))(params, ids, mask)
+        new_params = jax.jit(functools.partial(_sgd_step, config), in_shardings=(param_sh, batch_sh, batch_sh),
+                             out_shardings=param_sh, donate_argnums=0)(params, ids, mask)
+    return logits, new_params
+
+
+def test_eight_devices_match_one_device(reference):
+    assert len(jax.devices()) == 8
+    _, config, params = reference
+    ids, mask = right_padded_batch(config.vocab_size, lengths=(16, 11, 5, 16, 2, 9, 13, 7))
+    one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    eight = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    logits_1, params_1 = _run_on(one, config, params, ids, mask)
+    logits_8, params_8 = _run_on(eight, config, params, ids, mask)
+    valid = mask.astype(bool)
+    assert np.abs(np.asarray(logits_8) - np.asarray(logits_1))[valid].max() <= 1e-5
+    changed = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), params_1, params)
+    assert min(jax.tree.leaves(changed)) > 1e-4  # the step really moved every parameter
+    diffs = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), params_8, params_1)
+    assert max(jax.tree.leaves(diffs)) <= 1e-5
+
+    # the updated params are laid out as the rules say
+    attn = params_8["layers_0"]["self_attn"]
+    assert attn["q_proj"].sharding.spec == P("fsdp", "tensor", None)
+    assert attn["q_proj"].addressable_shards[0].data.shape == (32, 2, 16)  # [D/fsdp, H/tensor, E]
+    assert attn["o_proj"].sharding.spec == P("tensor", None, "fsdp")
+    assert params_8["embed_tokens"].sharding.spec == P("tensor", "fsdp")
+    assert params_8["embed_tokens"].addressable_shards[0].data.shape == (64, 32)
+    assert params_8["lm_head"].sharding.spec == P("fsdp", "tensor")
+    assert params_8["layers_1"]["mlp"]["down_proj"].sharding.spec == P("tensor", "fsdp")
+    assert params_8["norm"]["weight"].sharding.spec == P(None)
+    assert logits_8.sharding.spec == P(("data", "fsdp"), None, None)
+
+
+def test_scanned_layers_shard_with_a_replicated_layer_axis(reference):
+    _, config, _ = reference
+    scanned = config.replace(scan_layers=True)
+    shardings = sharding.param_shardings(scanned, sharding.make_mesh(data=2, fsdp=2, tensor=2))
+    assert shardings["layers"]["mlp"]["gate_proj"].spec == P(None, "fsdp", "tensor")
+
+
+def test_optimizer_state_follows_param_shardings(reference):
+    _, config, params = reference
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    param_sh = sharding.param_shardings(config, mesh)
+    tx = optax.adamw(1e-3)
+    state_sh = sharding.opt_state_shardings(tx, model.param_shapes(config), param_sh, mesh)
+    adam = state_sh[0]
+    assert adam.mu["layers_0"]["self_attn"]["k_proj"].spec == P("fsdp", "tensor", None)
+    assert adam.nu == param_sh
+    assert adam.count.spec == P()
+    state = jax.jit(tx.init, out_shardings=state_sh)(jax.device_put(params, param_sh))
+    assert state[0].mu["lm_head"].sharding.spec == P("fsdp", "tensor")
+
+
+def test_make_mesh_sizes_and_errors():
+    assert dict(sharding.make_mesh().shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert dict(sharding.make_mesh(data=2, fsdp=-1, tensor=2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
+        sharding.make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="needs 12 devices, 8 are available"):
+        sharding.make_mesh(data=3, fsdp=2, tensor=2)
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        sharding.make_mesh(data=-1, tensor=3)
+
+
+def test_indivisible_parameter_is_named(gqa_reference):
+    _, config, _ = gqa_reference  # vocab 101
+    with pytest.raises(ValueError, match=r"parameter embed_tokens dim 0 has size 101, not divisible"):
+        sharding.param_shardings(config, sharding.make_mesh(data=2, fsdp=2, tensor=2))
