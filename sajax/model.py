@@ -151,7 +151,7 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     g = h // kv
     q = q.reshape(b, t, kv, g, e).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, e)  # [B,K,G·T,E]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,S,E]
-    scores = jnp.einsum("bkqe,bkse->bkqs", q, k).astype(jnp.float32) / math.sqrt(e)
+    scores = jnp.einsum("bkqe,bkse->bkqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(e)
     scores = scores.reshape(b, kv, g, t, -1)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
@@ -218,7 +218,10 @@ class Llama(nn.Module):
         dtype = _dtype(c.dtype)
         embedding = _param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"),
                            nn.initializers.normal(c.initializer_range), c)
-        x = jnp.take(embedding, input_ids, axis=0).astype(dtype)  # [B,T,D]
+        # Gather the fsdp-split embed axis first (as FSDP does for every weight); the vocab axis stays split over
+        # `tensor` (vocab-parallel lookup). Gathering straight from the 2-D-split table makes XLA replicate it.
+        table = _constrain(embedding, ("vocab", None))
+        x = jnp.take(table, input_ids, axis=0).astype(dtype)  # [B,T,D]
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         mask = attention_mask(key_mask, input_ids.shape[1], cache_index)  # [B,T,S]
         cache_index = jnp.asarray(cache_index, jnp.int32)

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
-import transformers
+
+# sajax runs without PyTorch; silence transformers' advice that it is missing (set the variable to override).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import transformers  # noqa: E402
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 _MIN_BYTE_FALLBACK_VOCAB = 320  # 256 byte pieces + special and required pieces
