@@ -11,6 +11,7 @@ RUNTIME = [
     "jinja2==3.1.6",  # transformers chat templates
     "ml_dtypes==0.6.0",  # bfloat16 for numpy (safetensors I/O); the version jax 0.10.2 installs
     "absl-py==2.5.1",  # CLI flags; the version ml_collections installs
+    "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
 ]
 TEST = ["pytest==9.2.0", "torch==2.13.0"]  # torch: the PyTorch LLaMA reference in tests only
 
@@ -24,5 +25,9 @@ setup(
     package_data={"sajax": ["assets/*.txt"]},
     install_requires=RUNTIME,
     extras_require={"test": TEST},
-    entry_points={"console_scripts": ["sajax-generate=sajax.cli:generate_main"]},
+    entry_points={"console_scripts": [
+        "sajax-train=sajax.cli:train_main",
+        "sajax-export=sajax.cli:export_main",
+        "sajax-generate=sajax.cli:generate_main",
+    ]},
 )

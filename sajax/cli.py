@@ -1,5 +1,7 @@
 """Command-line entry points.
 
+  sajax-train --config FILE --workdir DIR [--config.key=value ...]   train, or resume the run in DIR
+  sajax-export --workdir DIR --out HF_DIR                            latest checkpoint → HF directory
   sajax-generate [--config FILE] [--model HF_DIR] [--prompt TEXT ...] [--config.key=value ...]
 
 Without `--model`, generates with a randomly initialised model of the config's size and the offline demo
@@ -83,6 +85,54 @@ def _generate() -> None:
 
 def generate_main() -> None:
     _run_app(_generate_main, _define_generate_flags)
+
+
+def _define_train_flags() -> None:
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml_collections config file (get_config()).")
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config; resumed if it exists.",
+                        required=True)
+
+
+def train_main() -> None:
+    _run_app(_train_main, _define_train_flags)
+
+
+def _train_main(argv) -> None:
+    del argv
+    from sajax import train
+
+    logging.set_verbosity(logging.WARNING)
+    initialize_distributed()
+    try:
+        final = train.run(_FLAGS.config, _FLAGS.workdir)
+    except (ValueError, FileNotFoundError, train.TrainingError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    if jax.process_index() == 0 and final:
+        print("final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+
+
+def _define_export_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Run directory written by sajax-train.", required=True)
+    flags.DEFINE_string("out", None, "HF directory to write (replaced when complete).", required=True)
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+
+
+def export_main() -> None:
+    _run_app(_export_main, _define_export_flags)
+
+
+def _export_main(argv) -> None:
+    del argv
+    from sajax import export
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        path, step = export.export(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.step)
+    except (ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    print(f"exported step {step} of {_FLAGS.workdir} to {path}")
 
 
 def _define_generate_flags() -> None:

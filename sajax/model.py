@@ -207,13 +207,15 @@ def _layer_class(config: LlamaConfig):
 
 
 class Llama(nn.Module):
-    """The causal LM. Returns (logits [B,T,V] float32, updated cache or None)."""
+    """The causal LM. Returns (logits [B,T,V] float32, updated cache or None); with `return_hidden`, the final
+    normed hidden states [B,T,D] instead of logits (the loss then projects them chunk by chunk with
+    `output_weights`)."""
 
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array, key_mask: Array, cache: KVCache | None = None,
-                 cache_index: Array | int = 0):
+                 cache_index: Array | int = 0, return_hidden: bool = False):
         c = self.config
         dtype = _dtype(c.dtype)
         embedding = _param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"),
@@ -241,6 +243,8 @@ class Llama(nn.Module):
             new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
 
         x = RMSNorm(c, name="norm")(x)
+        if return_hidden:
+            return x, new_cache
         if c.tie_word_embeddings:
             logits = dense(x, embedding.astype(dtype).T)
         else:
@@ -265,6 +269,19 @@ def forward(config: LlamaConfig, params, input_ids: Array, attention_mask: Array
     logits, _ = Llama(config).apply({"params": params}, input_ids, positions_from_mask(attention_mask),
                                     attention_mask)
     return logits
+
+
+def output_weights(config: LlamaConfig, params) -> Array:
+    """The output projection [D,V] in the compute dtype: lm_head, or the transposed embedding when tied."""
+    weights = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
+    return weights.astype(_dtype(config.dtype))
+
+
+def hidden_states(config: LlamaConfig, params, input_ids: Array, attention_mask: Array) -> Array:
+    """Final normed hidden states [B,T,D] (right padding; positions from the mask)."""
+    hidden, _ = Llama(config).apply({"params": params}, input_ids, positions_from_mask(attention_mask),
+                                    attention_mask, return_hidden=True)
+    return hidden
 
 
 def _init_boxed(config: LlamaConfig, rng: Array):

@@ -1,0 +1,152 @@
+"""Alignment groups → tokenized, sampled, batched, sharded global arrays (grain; deterministic; resumable).
+
+Per group and epoch, `num_comp` responses are sampled (all of them when the group has fewer, the rest padded
+and marked invalid). Each response becomes one row  [BOS] + prompt tail + response head + EOS  of at most
+`max_len` tokens: the prompt keeps its *end* (at least `max_prompt_len` tokens of it when the response is
+long), the response keeps its *start*. `loss_mask` marks the response tokens (the prompt is never trained on).
+
+A batch holds, per process, B groups:
+  tokens, loss_mask, attention_mask [B, K, T] int32 · scores [B, K] float32 · valid [B, K] bool ·
+  reference_logp [B, K] float32 (summed log-probs of the initial model; DPO only, else zeros).
+Order and sampling depend only on the seed and the position in the stream, and the grain iterator's state
+(a small dict) is saved with each checkpoint, so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from sajax import sharding
+from sajax.alignment_data import GroupSource
+
+BATCH_FIELDS = ("tokens", "loss_mask", "attention_mask", "scores", "valid", "reference_logp")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupEncoder:
+    """Tokenizes a group's prompt and sampled responses into fixed-shape [K, T] rows."""
+
+    tokenizer: object
+    max_len: int
+    max_prompt_len: int
+    num_comp: int
+
+    def __post_init__(self):
+        if not 1 <= self.max_prompt_len <= self.max_len - 2:
+            raise ValueError(f"data.max_prompt_len must be in 1..max_len-2 ({self.max_len - 2}), "
+                             f"got {self.max_prompt_len}")
+        if self.num_comp < 1:
+            raise ValueError(f"data.num_comp must be >= 1, got {self.num_comp}")
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+    def pack(self, prompt: Sequence[int], response: Sequence[int]) -> tuple[list[int], int]:
+        """[BOS] + prompt tail + response head (≤ max_len tokens); returns (tokens, index of the first
+        response token)."""
+        bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        room = self.max_len - len(bos)
+        response_keep = min(len(response), room - min(len(prompt), self.max_prompt_len))
+        prompt_keep = min(len(prompt), room - response_keep)
+        head = bos + list(prompt[len(prompt) - prompt_keep:])
+        return head + list(response[:response_keep]), len(head)
+
+    def encode(self, group: dict, chosen: Sequence[int], reference_logp: np.ndarray | None = None) -> dict:
+        """Rows for the responses `chosen` (indices into the group's responses), padded to num_comp."""
+        k, t = self.num_comp, self.max_len
+        out = {"tokens": np.full((k, t), self.pad_id, np.int32), "loss_mask": np.zeros((k, t), np.int32),
+               "attention_mask": np.zeros((k, t), np.int32), "scores": np.zeros((k,), np.float32),
+               "valid": np.zeros((k,), bool), "reference_logp": np.zeros((k,), np.float32)}
+        prompt = self.tokenizer.encode(group["query"], add_special_tokens=False)
+        scores = np.asarray(group["scores"], np.float32)
+        eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        for row, index in enumerate(chosen):
+            response = self.tokenizer.encode(group["responses"][index], add_special_tokens=False) + eos
+            tokens, start = self.pack(prompt, response)
+            out["tokens"][row, :len(tokens)] = tokens
+            out["attention_mask"][row, :len(tokens)] = 1
+            out["loss_mask"][row, start:len(tokens)] = 1
+            out["scores"][row] = scores[index]
+            out["valid"][row] = True
+            if reference_logp is not None:
+                out["reference_logp"][row] = reference_logp[index]
+        return out
+
+    def empty(self) -> dict:
+        """An all-invalid group (pads the last evaluation batch)."""
+        return self.encode({"query": "", "scores": []}, [])
+
+
+def sample_responses(num_responses: int, num_comp: int, rng: np.random.Generator) -> list[int]:
+    """`num_comp` distinct response indices in increasing order (all of them if there are fewer)."""
+    if num_responses <= num_comp:
+        return list(range(num_responses))
+    return sorted(rng.choice(num_responses, size=num_comp, replace=False).tolist())
+
+
+def stack(elements: Sequence[dict]) -> dict:
+    return {key: np.stack([e[key] for e in elements]) for key in elements[0]}
+
+
+class ReferenceLogps:
+    """Per-record summed log-probabilities of every response under the initial model (DPO), ragged."""
+
+    def __init__(self, offsets: np.ndarray, values: np.ndarray):
+        self.offsets, self.values = offsets, values
+
+    def __getitem__(self, record: int) -> np.ndarray:
+        return self.values[self.offsets[record]:self.offsets[record + 1]]
+
+
+def train_dataset(source: GroupSource, encoder: GroupEncoder, *, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1, reference: ReferenceLogps | None = None,
+                  read_threads: int = 4) -> grain.IterDataset:
+    """Endless stream of per-process batches of `batch_size` groups: each process reads every
+    `process_count`-th record, reshuffled each epoch, with fresh response samples each epoch."""
+
+    def encode(item, rng):
+        index, group = item
+        chosen = sample_responses(len(group["responses"]), encoder.num_comp, rng)
+        return encoder.encode(group, chosen, None if reference is None else reference[index])
+
+    dataset = (grain.MapDataset.source(source)
+               .map_with_index(lambda index, group: (index, group))
+               .slice(slice(process_index, None, process_count))
+               .shuffle(seed=seed)
+               .repeat(None)
+               .random_map(encode, seed=seed + 1)
+               .batch(batch_size, drop_remainder=True, batch_fn=stack))
+    return dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size))
+
+
+def eval_batches(source: GroupSource, encoder: GroupEncoder, *, batch_size: int, seed: int,
+                 process_index: int = 0, process_count: int = 1,
+                 reference: ReferenceLogps | None = None) -> Iterator[dict]:
+    """One pass over the split in order, the same response sample every time (seeded by the record index); the
+    last batch is padded with invalid groups, and every process yields the same number of batches."""
+    per_process = math.ceil(len(source) / process_count)
+    batches = math.ceil(per_process / batch_size)
+    mine = list(range(process_index, len(source), process_count))
+    for b in range(batches):
+        elements = []
+        for index in mine[b * batch_size:(b + 1) * batch_size]:
+            group = source[index]
+            rng = np.random.default_rng([seed, index])
+            chosen = sample_responses(len(group["responses"]), encoder.num_comp, rng)
+            elements.append(encoder.encode(group, chosen, None if reference is None else reference[index]))
+        elements += [encoder.empty()] * (batch_size - len(elements))
+        yield stack(elements)
+
+
+def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+    """Per-process numpy batch → global jax.Arrays split over the mesh's batch axes."""
+    return {key: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, value.ndim), value)
+            for key, value in batch.items()}

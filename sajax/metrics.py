@@ -1,0 +1,104 @@
+"""Training metrics: model FLOPs and MFU, and a writer to JSONL + TensorBoard event files (tensorboardX, no
+TensorFlow)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sajax.config import LlamaConfig
+
+# Dense bf16 peak FLOP/s per device, by jax `device_kind` prefix.
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
+}
+
+
+def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    """Model FLOPs of forward + backward per token (PaLM, appendix B): 6·N_matmul + 12·L·H·E·T, where N_matmul
+    counts the weights used in matmuls (the output projection but not the embedding lookup) and the second term
+    is attention's score and value products. Recomputation (remat) is not counted: this is *model* FLOPs."""
+    matmul_params = config.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6.0 * matmul_params + attention
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a jitted float32 [size²]·[size²] matmul on the default device (the CPU peak we report
+    MFU against)."""
+    a = jnp.ones((size, size), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops_per_device(configured: float = 0.0) -> float | None:
+    """`configured` if > 0, else a known accelerator's bf16 peak, else (CPU) the measured fp32 matmul peak;
+    None for an unknown accelerator (MFU is then not reported rather than guessed)."""
+    if configured > 0:
+        return configured
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return measure_matmul_peak()
+    for prefix, flops in PEAK_FLOPS.items():
+        if device.device_kind.startswith(prefix):
+            return flops
+    return None
+
+
+class MetricsWriter:
+    """Appends `{"step": s, **scalars}` lines to `<workdir>/metrics.jsonl` and writes TensorBoard scalars to
+    `<workdir>/tensorboard` (process 0 only). On resume from `start_step`, lines of later steps (written after
+    the checkpoint by the crashed run) are dropped, and TensorBoard is told to purge them, so nothing is
+    duplicated."""
+
+    def __init__(self, workdir: str | Path, start_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        path = Path(workdir) / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= start_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            tmp.replace(path)
+        self._jsonl = open(path, "a", encoding="utf-8")
+        self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"),
+                                          purge_step=start_step + 1 if start_step else None)
+
+    def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        values = {f"{prefix}/{k}": float(v) for k, v in scalars.items() if np.isfinite(v)}
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+        for name, value in values.items():
+            self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

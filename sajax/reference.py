@@ -1,0 +1,72 @@
+"""Reference log-probabilities for DPO: every response of every group scored once by the initial model.
+
+Stored in the workdir as `reference_logp.npz` (ragged: per source `offsets_i` [records + 1] and `values_i`
+[responses]), so training keeps a single model in memory and a resumed run reuses them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from sajax import input_pipeline, sharding
+from sajax.input_pipeline import ReferenceLogps
+from sajax.train_step import response_nll
+
+
+def compute(params, config, encoder: input_pipeline.GroupEncoder, source, mesh, *, batch_size: int,
+            chunk_size: int) -> ReferenceLogps:
+    """Summed log p(response | prompt) of every response (same tokenization and truncation as training)."""
+    single = dataclasses.replace(encoder, num_comp=1)
+    counts = [len(source[i]["responses"]) for i in range(len(source))]
+    pairs = [(record, k) for record, n in enumerate(counts) for k in range(n)]
+    score = jax.jit(functools.partial(_logp, config=config, chunk_size=chunk_size),
+                    in_shardings=(sharding.param_shardings(config, mesh),
+                                  {k: sharding.batch_sharding(mesh, 3) for k in ("tokens", "attention_mask",
+                                                                                  "loss_mask")}))
+    values = np.zeros(len(pairs), np.float32)
+    for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs",
+                      disable=jax.process_index() != 0):
+        chunk = pairs[start:start + batch_size]
+        rows = [single.encode(source[r], [k]) for r, k in chunk] + [single.empty()] * (batch_size - len(chunk))
+        batch = {key: np.stack([row[key] for row in rows]) for key in ("tokens", "attention_mask", "loss_mask")}
+        # every process computes the same rows (replicated input): reference scoring is a one-off
+        logp = jax.device_get(score(params, {k: jax.device_put(v, sharding.batch_sharding(mesh, 3))
+                                             for k, v in batch.items()}))
+        values[start:start + len(chunk)] = logp[:len(chunk)]
+    return ReferenceLogps(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), values)
+
+
+def _logp(params, batch, *, config, chunk_size):
+    return -response_nll(config, params, batch, chunk_size).total[:, 0]
+
+
+def load_or_compute(path: Path, initial_params_fn, config, encoder, sources, mesh, *, batch_size: int,
+                    chunk_size: int) -> list[ReferenceLogps]:
+    """The reference log-probs of each source, from `path` if present (checked against the sources' sizes),
+    else computed with `initial_params_fn()` and written atomically."""
+    if path.exists():
+        with np.load(path, allow_pickle=False) as stored:
+            refs = [ReferenceLogps(stored[f"offsets_{i}"], stored[f"values_{i}"]) for i in range(len(sources))]
+        for i, (ref, source) in enumerate(zip(refs, sources)):
+            if len(ref.offsets) != len(source) + 1 or ref.offsets[-1] != sum(
+                    len(source[j]["responses"]) for j in range(len(source))):
+                raise ValueError(f"{path}: reference log-probs for source {i} do not match {source.path} (was the "
+                                 "dataset changed?); delete the file to recompute from the initial model")
+        return refs
+    params = initial_params_fn()
+    refs = [compute(params, config, encoder, source, mesh, batch_size=batch_size, chunk_size=chunk_size)
+            for source in sources]
+    del params
+    if jax.process_index() == 0:
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **{f"offsets_{i}": r.offsets for i, r in enumerate(refs)},
+                 **{f"values_{i}": r.values for i, r in enumerate(refs)})
+        os.replace(tmp, path)
+    return refs

@@ -1,0 +1,153 @@
+"""Alignment data sources, validation, tokenization/truncation, sampling and the resumable grain stream."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sajax import alignment_data, demo_data, input_pipeline, tokenizer
+from sajax.alignment_data import DataError, GroupSource
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tokenizer.train_tokenizer(tokenizer.demo_corpus(), tmp_path_factory.mktemp("tok") / "t", vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "ds"
+    return alignment_data.write_tfds({"train": demo_data.synthetic_groups(20, seed=0),
+                                      "validation": demo_data.synthetic_groups(5, seed=1)}, out)
+
+
+def test_tfds_dataset_opens_with_plain_tfds_in_a_clean_process(tfds_dir):
+    code = ("import sys, tensorflow_datasets as tfds\n"
+            "src = tfds.builder_from_directory(sys.argv[1]).as_data_source('train')\n"
+            "r = src[0]\n"
+            "print(len(src), sorted(r), r['scores'].dtype, type(r['responses']).__name__)\n"
+            "assert 'sajax' not in sys.modules and 'sim' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tfds_dir)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ("20 ['input', 'instruction', 'kind', 'model', 'query', 'responses', 'scores', "
+                                  "'world_id'] float32 list")
+
+
+def test_json_and_tfds_sources_give_the_same_groups(tfds_dir, tmp_path):
+    tfds_source = GroupSource(tfds_dir, "validation")
+    release = [{"query": g["query"], "responses": g["responses"], "scores": g["scores"].tolist()}
+               for g in (tfds_source[i] for i in range(len(tfds_source)))]
+    (tmp_path / "release.json").write_text(json.dumps(release))
+    (tmp_path / "release.jsonl").write_text("\n".join(json.dumps(r) for r in release))
+    for name in ("release.json", "release.jsonl"):
+        source = GroupSource(tmp_path / name)
+        assert len(source) == 5
+        for i in range(5):
+            assert source[i]["query"] == tfds_source[i]["query"]
+            assert source[i]["responses"] == tfds_source[i]["responses"]
+            np.testing.assert_array_equal(np.float32(source[i]["scores"]), tfds_source[i]["scores"])
+        source.validate((1.0, 7.0))
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"responses": ["a"], "scores": [1]}, "record 1: missing field 'query'"),
+    ({"query": "q", "responses": [], "scores": []}, "record 1: field 'responses' must be a non-empty list"),
+    ({"query": "q", "responses": ["a", ""], "scores": [1, 2]}, r"record 1: field 'responses\[1\]' must be a non-empty"),
+    ({"query": "q", "responses": ["a", "b"], "scores": [1]}, "record 1: 2 responses but 1 scores"),
+    ({"query": "q", "responses": ["a"], "scores": [float("nan")]}, r"record 1: field 'scores\[0\]' is nan"),
+    ({"query": "q", "responses": ["a", "b"], "scores": [3, 9]}, r"record 1: field 'scores\[1\]' is 9, outside"),
+    ({"query": "q", "responses": ["a"], "scores": ["7"]}, "record 1: field 'scores' must be a list of numbers"),
+])
+def test_bad_records_are_named(tmp_path, record, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"query": "fine", "responses": ["ok"], "scores": [4]}, record]))
+    with pytest.raises(DataError, match=f"{path} {message}"):
+        GroupSource(path).validate((1.0, 7.0))
+
+
+def test_bad_files_are_named(tmp_path):
+    (tmp_path / "x.json").write_text("{oops")
+    with pytest.raises(DataError, match="x.json: not valid JSON"):
+        GroupSource(tmp_path / "x.json")
+    with pytest.raises(FileNotFoundError, match="missing.json: dataset not found"):
+        GroupSource(tmp_path / "missing.json")
+    with pytest.raises(DataError, match="not a TFDS dataset directory"):
+        GroupSource(tmp_path)
+
+
+def test_truncation_keeps_prompt_end_and_response_start(tok):
+    enc = input_pipeline.GroupEncoder(tok, max_len=10, max_prompt_len=4, num_comp=2)
+    prompt, response = list(range(100, 110)), list(range(200, 210))
+    tokens, start = enc.pack(prompt, response)
+    assert tokens == [tok.bos_token_id, 106, 107, 108, 109, 200, 201, 202, 203, 204] and start == 5
+    tokens, start = enc.pack(prompt, [200, 201])  # short response: the prompt takes the room left
+    assert tokens == [tok.bos_token_id, 103, 104, 105, 106, 107, 108, 109, 200, 201] and start == 8
+    tokens, start = enc.pack([100], list(range(200, 220)))  # short prompt: the response takes the rest
+    assert tokens == [tok.bos_token_id, 100] + list(range(200, 208)) and start == 2
+
+
+def test_encoded_group_masks_prompt_and_pads(tok):
+    enc = input_pipeline.GroupEncoder(tok, max_len=48, max_prompt_len=24, num_comp=3)
+    group = {"query": "### Instruction:\nBe kind?\n\n### Response:", "responses": ["Yes, always.", "No."],
+             "scores": [6.0, 2.0]}
+    out = enc.encode(group, [0, 1])
+    assert out["tokens"].shape == (3, 48) and out["valid"].tolist() == [True, True, False]
+    prompt_len = len(tok.encode(group["query"]))  # with BOS
+    for row, response in enumerate(group["responses"]):
+        ids = tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
+        n = prompt_len + len(ids)
+        assert out["tokens"][row, prompt_len:n].tolist() == ids
+        assert out["loss_mask"][row].tolist() == [0] * prompt_len + [1] * len(ids) + [0] * (48 - n)
+        assert out["attention_mask"][row].sum() == n
+    assert out["scores"].tolist() == [6.0, 2.0, 0.0] and out["loss_mask"][2].sum() == 0
+    with pytest.raises(ValueError, match="data.max_prompt_len must be in 1..max_len-2"):
+        input_pipeline.GroupEncoder(tok, max_len=8, max_prompt_len=8, num_comp=1)
+
+
+def test_stream_is_deterministic_resumable_and_resamples_each_epoch(tok, tfds_dir):
+    source = GroupSource(tfds_dir, "train")
+    enc = input_pipeline.GroupEncoder(tok, max_len=32, max_prompt_len=16, num_comp=2)
+    make = lambda: iter(input_pipeline.train_dataset(source, enc, batch_size=4, seed=3))  # noqa: E731
+    a, b = make(), make()
+    first = [next(a) for _ in range(12)]  # 12 batches × 4 = 48 groups: more than two epochs of 20
+    for x, y in zip(first, [next(b) for _ in range(12)]):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    c = make()
+    for _ in range(5):
+        next(c)
+    state = c.get_state()
+    d = make()
+    d.set_state(json.loads(json.dumps(state)))  # the state survives a JSON round trip (orbax JsonSave)
+    for x in first[5:]:
+        np.testing.assert_array_equal(next(d)["tokens"], x["tokens"])
+    epoch1 = np.concatenate([b["tokens"] for b in first[:5]])
+    epoch2 = np.concatenate([b["tokens"] for b in first[5:10]])
+    assert not np.array_equal(epoch1, epoch2)  # another order and other samples in the next epoch
+
+
+def test_processes_read_disjoint_records_and_eval_pads(tok, tfds_dir):
+    source = GroupSource(tfds_dir, "validation")  # 5 groups
+    enc = input_pipeline.GroupEncoder(tok, max_len=32, max_prompt_len=16, num_comp=3)
+    per_process = [list(input_pipeline.eval_batches(source, enc, batch_size=2, seed=0, process_index=p,
+                                                    process_count=2)) for p in range(2)]
+    assert [len(b) for b in per_process] == [2, 2]  # 3 and 2 groups → both 2 batches of 2
+    groups = sum(int(b["valid"].any(axis=1).sum()) for batches in per_process for b in batches)
+    assert groups == 5
+    again = list(input_pipeline.eval_batches(source, enc, batch_size=2, seed=0, process_index=0, process_count=2))
+    np.testing.assert_array_equal(again[0]["tokens"], per_process[0][0]["tokens"])
+    streams = [iter(input_pipeline.train_dataset(GroupSource(tfds_dir, "train"), enc, batch_size=2, seed=0,
+                                                 process_index=p, process_count=2)) for p in range(2)]
+    seen = [{tuple(row) for b in (next(s) for _ in range(5)) for row in b["tokens"][:, 0]} for s in streams]
+    assert not seen[0] & seen[1]
+
+
+def test_write_tfds_replaces_only_when_complete(tmp_path):
+    out = alignment_data.write_tfds({"train": demo_data.synthetic_groups(3, seed=0)}, tmp_path / "ds")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(DataError, match="train record 1: 2 responses but 1 scores"):
+        alignment_data.write_tfds({"train": [demo_data.synthetic_groups(1, 0)[0],
+                                             {"query": "q", "responses": ["a", "b"], "scores": [1.0]}]}, out)
+    assert sorted(p.name for p in out.iterdir()) == before and len(GroupSource(out)) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
