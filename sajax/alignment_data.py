@@ -70,6 +70,12 @@ def _builder_class():
             del dl_manager
             return {name: self._generate_examples(records) for name, records in self._split_records.items()}
 
+        def _log_download_bytes(self):  # nothing is downloaded: no "Downloading and preparing" line
+            pass
+
+        def _log_download_done(self):
+            pass
+
         def _generate_examples(self, records):
             for i, record in enumerate(records):
                 yield i, {**record, "scores": np.asarray(record["scores"], np.float32)}

@@ -102,12 +102,13 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any], source: str = "config.model") -> "LlamaConfig":
         """From a plain dict / ConfigDict of our field names (the `model` section of a configs/ file)."""
+        fields = fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)  # ConfigDict → plain dicts
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {unknown}; known fields: {sorted(known)}")
         try:
-            return cls(**dict(fields))
+            return cls(**fields)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from e
 

@@ -289,11 +289,18 @@ def _init_boxed(config: LlamaConfig, rng: Array):
     return Llama(config).init(rng, ids, ids, jnp.ones((1, 1), jnp.int32))["params"]
 
 
+def _unbox(tree):
+    """Plain values from the logically-partitioned boxes (without applying a sharding constraint, which
+    `nn.unbox` does when logical rules are active and which fails outside jit)."""
+    return jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def init_params(config: LlamaConfig, rng: Array | int = 0):
     """Random parameters (HF's init: normal(initializer_range) for matrices, ones for norms), as plain arrays."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
-    return nn.unbox(jax.jit(_init_boxed, static_argnums=0)(config, rng))
+    return _unbox(jax.jit(_init_boxed, static_argnums=0)(config, rng))
 
 
 def param_logical_axes(config: LlamaConfig):
@@ -304,7 +311,7 @@ def param_logical_axes(config: LlamaConfig):
 
 def param_shapes(config: LlamaConfig):
     """Tree like the params holding `jax.ShapeDtypeStruct`s (no memory allocated)."""
-    return nn.unbox(jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0)))
+    return _unbox(jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0)))
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> KVCache:

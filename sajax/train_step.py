@@ -97,7 +97,7 @@ def train_step(state: TrainState, batch: dict, *, config: LlamaConfig, train_cfg
     metrics = jax.tree.map(lambda m: m * scale, metrics)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics.update(grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+    metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
