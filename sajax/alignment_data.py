@@ -16,11 +16,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from sajax import fileutil
 
 KINDS = ("imitation", "self_critic", "realignment")
 SPLITS = ("train", "validation")
@@ -94,24 +95,14 @@ def write_tfds(split_records: Mapping[str, Sequence[Mapping[str, Any]]], out_dir
         for i, record in enumerate(records):
             validate_group(record, f"{split} record {i}")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        builder = _builder_class()(split_records=split_records, data_dir=str(tmp), file_format="array_record")
+    with fileutil.replace_directory(out_dir) as tmp:
+        builder = _builder_class()(split_records=split_records, data_dir=str(tmp / "build"),
+                                   file_format="array_record")
         with tfds_quiet():
             builder.download_and_prepare()
-        built = Path(builder.data_path)
-        final = tmp / "dataset"
-        os.replace(built, final)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "dataset")
-            os.replace(final, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(final, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for file in Path(builder.data_path).iterdir():
+            os.replace(file, tmp / file.name)
+        shutil.rmtree(tmp / "build")
     return out_dir
 
 

@@ -59,7 +59,7 @@ def _generate_main(argv) -> None:
     del argv
     try:
         _generate()
-    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
+    except (ValueError, OSError) as e:  # bad input: a clear message, no traceback
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
 
@@ -105,7 +105,7 @@ def _train_main(argv) -> None:
     initialize_distributed()
     try:
         final = train.run(_FLAGS.config, _FLAGS.workdir)
-    except (ValueError, FileNotFoundError, train.TrainingError) as e:
+    except (ValueError, OSError, train.TrainingError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     if jax.process_index() == 0 and final:
@@ -129,7 +129,7 @@ def _export_main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     try:
         path, step = export.export(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.step)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     print(f"exported step {step} of {_FLAGS.workdir} to {path}")
@@ -141,7 +141,7 @@ def _define_generate_flags() -> None:
     flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for a batch. Default: config.generate.prompts.")
 
 
-_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError)
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
 
 
 def _run_app(main, define_flags) -> None:

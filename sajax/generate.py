@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sajax.config import LlamaConfig
-from sajax.model import Llama, init_cache, positions_from_mask
+from sajax.model import Llama, init_cache, output_weights, positions_from_mask
 
 
 @dataclasses.dataclass
@@ -34,7 +34,8 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length_bucket: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists → (ids [B,P], mask [B,P]) aligned to the right; P = longest rounded up to `length_bucket`."""
+    """Token lists → (ids [B,P], mask [B,P]) aligned to the right; P = longest rounded up to `length_bucket`;
+    padding positions hold `pad_id` (masked out: any id inside the vocabulary will do)."""
     if not sequences:
         raise ValueError("no prompts given")
     for i, seq in enumerate(sequences):
@@ -53,19 +54,19 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
     """Next tokens [B] from logits [B,V].
 
     temperature == 0: argmax. Otherwise sample from softmax(logits / temperature) restricted to the top_k
-    largest logits (top_k <= 0: no limit) and to the smallest set of most likely tokens whose probability
-    reaches top_p (top_p >= 1: no limit)."""
+    largest logits (top_k <= 0: no limit), then to the smallest set of the most likely remaining tokens whose
+    renormalised probability reaches top_p (top_p >= 1: no limit) — the order transformers applies them in."""
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    descending = -jnp.sort(-scaled, axis=-1)  # [B,V]
     vocab = logits.shape[-1]
+    descending = -jnp.sort(-scaled, axis=-1)  # [B,V]
     kth = jnp.take(descending, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)[:, None]
     kth = jnp.where(top_k > 0, kth, -jnp.inf)
+    descending = jnp.where(descending >= kth, descending, -jnp.inf)  # top-k first, then top-p on what is left
     probs = jax.nn.softmax(descending, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
-    nucleus = mass_before < top_p
-    pth = jnp.min(jnp.where(nucleus, descending, jnp.inf), axis=-1, keepdims=True)
+    pth = jnp.min(jnp.where(mass_before < top_p, descending, jnp.inf), axis=-1, keepdims=True)
     threshold = jnp.maximum(kth, pth)
     sampled = jax.random.categorical(rng, jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
@@ -79,7 +80,8 @@ def _generate(config: LlamaConfig, max_new_tokens: int, params, prompt_ids, prom
     cache = init_cache(config, batch, prompt_len + max_new_tokens)
     key_mask = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32).at[:, :prompt_len].set(prompt_mask)
     positions = positions_from_mask(prompt_mask)
-    logits, cache = model.apply({"params": params}, prompt_ids, positions, key_mask, cache, 0)
+    hidden, cache = model.apply({"params": params}, prompt_ids, positions, key_mask, cache, 0, return_hidden=True)
+    last_logits = (hidden[:, -1] @ output_weights(config, params)).astype(jnp.float32)  # no [B,P,V] logits
 
     def pick(step, logits, done):
         token = sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
@@ -87,7 +89,7 @@ def _generate(config: LlamaConfig, max_new_tokens: int, params, prompt_ids, prom
         return token, done | jnp.isin(token, eos_ids)
 
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    token, done = pick(0, logits[:, -1], jnp.zeros((batch,), bool))
+    token, done = pick(0, last_logits, jnp.zeros((batch,), bool))
     state = (1, tokens.at[:, 0].set(token), token, done, positions[:, -1] + 1, key_mask, cache)
 
     def cond(state):
@@ -121,7 +123,10 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, m
     eos = config.eos_token_ids if eos_token_id is None else (
         (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
-    ids, mask = left_pad(prompts, pad, length_bucket)
+    for i, prompt in enumerate(prompts):
+        if len(prompt) and not 0 <= min(prompt) <= max(prompt) < config.vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {config.vocab_size})")
+    ids, mask = left_pad(prompts, 0, length_bucket)  # the input pad is masked; `pad` may lie outside the vocab
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -162,9 +167,11 @@ def score_continuations(config: LlamaConfig, params, prompts: Sequence[Sequence[
 
 
 def generate_text(config: LlamaConfig, params, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
-    """Text in, text out: encodes with the tokenizer's special tokens (BOS), decodes without them."""
+    """Text in, text out: encodes with the tokenizer's special tokens (BOS), decodes without them; stops at any
+    end-of-sequence id of the config (and generation_config.json) or of the tokenizer."""
     encoded = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
-    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    eos = list(config.eos_token_ids) + ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
+    kwargs.setdefault("eos_token_id", list(dict.fromkeys(eos)))  # stop at any of the model's and tokenizer's
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     out = generate(config, params, encoded, **kwargs)
     return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(out.tokens, out.lengths)]

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -29,6 +27,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from sajax import fileutil
 from sajax.config import LlamaConfig
 from sajax.model import stack_layers, unstack_layers
 
@@ -155,6 +154,7 @@ def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **run
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file}: not valid JSON ({e})") from e
     config = LlamaConfig.from_hf_dict(hf_config, source=str(config_file), param_dtype=param_dtype, **runtime)
+    config = _with_generation_eos(config, path / "generation_config.json")
 
     index_file, single = path / "model.safetensors.index.json", path / "model.safetensors"
     if index_file.is_file():
@@ -166,9 +166,9 @@ def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **run
         for shard in sorted(set(files_by_name.values())):
             if not shard.is_file():
                 raise FileNotFoundError(f"{shard}: listed in {index_file.name} but missing")
+            _safetensors_names(shard)  # readable header
     elif single.is_file():
-        with safe_open(str(single), framework="numpy") as f:
-            files_by_name = {name: single for name in f.keys()}
+        files_by_name = {name: single for name in _safetensors_names(single)}
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 "(PyTorch .bin checkpoints are not read: convert them to safetensors)")
@@ -176,16 +176,41 @@ def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **run
     return config, params
 
 
+def _safetensors_names(file: Path) -> list[str]:
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError for a corrupt header
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def _with_generation_eos(config: LlamaConfig, generation_file: Path) -> LlamaConfig:
+    """Adds the end-of-sequence ids of `generation_config.json` (e.g. LLaMA-3 Instruct's <|eot_id|>) to the
+    config's, as transformers' generate stops at any of them."""
+    if not generation_file.is_file():
+        return config
+    try:
+        eos = json.loads(generation_file.read_text()).get("eos_token_id")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{generation_file}: not valid JSON ({e})") from e
+    extra = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    merged = tuple(dict.fromkeys(list(config.eos_token_ids) + extra))
+    if not merged:
+        return config
+    return config.replace(eos_token_id=merged[0] if len(merged) == 1 else merged)
+
+
 def save_pretrained(config: LlamaConfig, params, path: str | os.PathLike, tokenizer=None,
                     max_shard_bytes: int = 5 * 2**30) -> Path:
     """Writes `config.json`, `generation_config.json`, safetensors weights (sharded with an index above
     `max_shard_bytes`) and, if given, the tokenizer. Written to a temporary directory and renamed at the end, so
-    an existing `path` is replaced only by a complete checkpoint."""
-    path = Path(path)
+    an existing checkpoint at `path` is replaced (as a whole) only by a complete one; a non-empty directory that
+    is not a checkpoint is refused."""
+    path = Path(path).resolve()
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise ValueError(f"{path}: exists and is not a HF checkpoint directory; refusing to replace it")
     state = hf_state_from_params(config, params, dtype=_SAFE_DTYPES[config.param_dtype])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with fileutil.replace_directory(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.to_hf_dict()["eos_token_id"],
                       "pad_token_id": config.pad_token_id}
@@ -193,16 +218,6 @@ def save_pretrained(config: LlamaConfig, params, path: str | os.PathLike, tokeni
         _write_safetensors(state, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -47,6 +47,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Mesh of shape (data, fsdp, tensor) over `devices` (default: all). At most one size may be -1."""
+    explicit = devices
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     unknown = [name for name, size in sizes.items() if size == -1]
@@ -65,7 +66,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
                          f"{len(devices)} are available")
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if len(devices) == len(jax.devices()):
+    if explicit is None:
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto)  # topology-aware device order (TPU/GPU)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
@@ -99,12 +100,14 @@ def check_divisible(shapes, shardings) -> None:
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, params_abstract, params_sharding, mesh: Mesh):
-    """NamedShardings for `tx.init(params)`: per-parameter state (Adam moments, ...) shares its parameter's
-    sharding; everything else (step counts, scalars) is replicated."""
+    """NamedShardings for `tx.init(params)`: per-parameter state of the parameter's shape (Adam moments, ...)
+    shares its parameter's sharding; other per-parameter state (e.g. Adafactor's factored rows and columns) and
+    everything else (step counts, scalars) is replicated."""
     state_abstract = jax.eval_shape(tx.init, params_abstract)
     replicated = NamedSharding(mesh, P())
-    return optax.tree_map_params(tx, lambda _, sharding: sharding, state_abstract, params_sharding,
-                                 transform_non_params=lambda _: replicated)
+    return optax.tree_map_params(
+        tx, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else replicated,
+        state_abstract, params_sharding, params_abstract, transform_non_params=lambda _: replicated)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

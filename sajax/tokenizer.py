@@ -8,8 +8,6 @@ split) plus a `<pad>` piece (id 3), saved with transformers' files next to `toke
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -19,6 +17,8 @@ import sentencepiece as spm
 # sajax runs without PyTorch; silence transformers' advice that it is missing (set the variable to override).
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import transformers  # noqa: E402
+
+from sajax import fileutil  # noqa: E402
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 _MIN_BYTE_FALLBACK_VOCAB = 320  # 256 byte pieces + special and required pieces
@@ -52,20 +52,12 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     if not lines:
         raise ValueError("no text to train a tokenizer on")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with fileutil.replace_directory(out_dir) as tmp:
         _train_sentencepiece(lines, tmp, vocab_size)
         (tmp / "tokenizer.vocab").unlink()
         tokenizer = transformers.LlamaTokenizer.from_pretrained(str(tmp), add_bos_token=True, local_files_only=True)
         tokenizer.pad_token = "<pad>"
         tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_tokenizer(out_dir)
 
 

@@ -39,6 +39,9 @@ def test_bad_inputs_exit_nonzero_with_named_cause(tmp_path):
     assert f"error: {tmp_path / 'nope' / 'config.json'}: not found" in missing.stderr
     typo = _run("--config.model.hiden_size=8")
     assert typo.returncode == 2 and "hiden_size" in typo.stderr
+    no_config = _run(f"--config={tmp_path / 'nope.py'}")
+    assert no_config.returncode != 0 and "Traceback" not in no_config.stderr
+    assert no_config.stderr.startswith("error: ") and "No such file or directory" in no_config.stderr
     bad_mesh = _run("--config.mesh.data=3")
     assert bad_mesh.returncode == 1 and "error: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices" \
         in bad_mesh.stderr

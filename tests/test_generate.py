@@ -114,3 +114,39 @@ def test_bad_generation_requests_are_named(gqa_reference, call, message):
     _, config, params = gqa_reference
     with pytest.raises(ValueError, match=message):
         call(config, params)
+
+
+def test_top_p_applies_to_the_top_k_renormalised_distribution():
+    logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]] * 2000))
+    draws = np.asarray(jax.jit(generate.sample_logits)(logits, jax.random.key(1), 1.0, 2, 0.5))
+    assert set(draws.tolist()) == {0}  # top-2 renormalised: [4/7, 3/7]; 4/7 ≥ 0.5 keeps token 0 only
+
+
+def test_pad_id_outside_the_vocabulary_changes_nothing(gqa_reference):
+    _, config, params = gqa_reference
+    prompts = _prompts(config.vocab_size)
+    inside = generate.generate(config, params, prompts, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    outside = generate.generate(config, params, prompts, max_new_tokens=6, eos_token_id=[],
+                                pad_token_id=config.vocab_size + 5)
+    np.testing.assert_array_equal(inside.tokens, outside.tokens)
+    with pytest.raises(ValueError, match=r"prompt 1 has token ids outside the vocabulary \[0, 101\)"):
+        generate.generate(config, params, [[1], [5, 101]], max_new_tokens=2)
+
+
+def test_generate_text_stops_at_every_end_of_sequence_id(gqa_reference):
+    _, config, params = gqa_reference
+
+    class Tokenizer:  # ids ↔ text "i j k"; EOS 2
+        eos_token_id, pad_token_id = 2, 0
+
+        def encode(self, text, add_special_tokens=True):
+            return [int(t) for t in text.split()]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(i) for i in ids)
+
+    free = generate.generate(config, params, [[5, 6, 7]], max_new_tokens=8, eos_token_id=[])
+    stop = int(free.tokens[0, 2])
+    text = generate.generate_text(config.replace(eos_token_id=(2, stop)), params, Tokenizer(), ["5 6 7"],
+                                  max_new_tokens=8)
+    assert text == [" ".join(str(t) for t in free.tokens[0, :3])]

@@ -136,3 +136,31 @@ def test_config_writes_4x_and_5x_rope_keys():
     assert d["rope_theta"] == d["rope_parameters"]["rope_theta"] == 5e5
     assert d["rope_scaling"]["factor"] == d["rope_parameters"]["factor"] == 8.0
     assert LlamaConfig.from_hf_dict({k: v for k, v in d.items() if k != "rope_parameters"}) == config
+
+
+def test_generation_config_eos_ids_are_added(tmp_path, gqa_reference):
+    _, config, params = gqa_reference
+    hf.save_pretrained(config, params, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9, 10]}))
+    assert hf.load_pretrained(tmp_path / "ckpt")[0].eos_token_ids == (2, 9, 10)
+
+
+def test_save_refuses_a_directory_that_is_not_a_checkpoint_and_keeps_permissions(tmp_path, gqa_reference):
+    _, config, params = gqa_reference
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not a HF checkpoint directory"):
+        hf.save_pretrained(config, params, tmp_path / "notes")
+    assert (tmp_path / "notes" / "README.md").read_text() == "mine"
+    out = hf.save_pretrained(config, params, tmp_path / "ckpt")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_corrupt_safetensors_is_named(tmp_path, gqa_reference):
+    _, config, params = gqa_reference
+    hf.save_pretrained(config, params, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        hf.load_pretrained(tmp_path / "ckpt")

@@ -112,3 +112,24 @@ def test_indivisible_parameter_is_named(gqa_reference):
     _, config, _ = gqa_reference  # vocab 101
     with pytest.raises(ValueError, match=r"parameter embed_tokens dim 0 has size 101, not divisible"):
         sharding.param_shardings(config, sharding.make_mesh(data=2, fsdp=2, tensor=2))
+
+
+def test_factored_optimizer_state_is_replicated_where_shapes_differ(reference):
+    _, config, params = reference
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    param_sh = sharding.param_shardings(config, mesh)
+    tx = optax.adafactor(1e-3)
+    state_sh = sharding.opt_state_shardings(tx, model.param_shapes(config), param_sh, mesh)
+    state = jax.jit(tx.init, out_shardings=state_sh)(jax.device_put(params, param_sh))
+    param_shapes = {x.shape for x in jax.tree.leaves(params)}
+    leaves = jax.tree.leaves(state)
+    assert any(leaf.shape not in param_shapes and leaf.ndim >= 1 for leaf in leaves)  # factored statistics exist
+    for leaf in leaves:
+        if any(axis is not None for axis in leaf.sharding.spec):
+            assert leaf.shape in param_shapes  # only full-shape state follows its parameter's sharding
+
+
+def test_make_mesh_keeps_the_given_device_order():
+    devices = list(reversed(jax.devices()))
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=devices)
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in devices]
