@@ -118,7 +118,7 @@ def train_dataset(source: GroupSource, encoder: GroupEncoder, *, batch_size: int
         return encoder.encode(group, chosen, None if reference is None else reference[index])
 
     dataset = (grain.MapDataset.source(source)
-               .map_with_index(lambda index, group: (index, group))
+               .map_with_index(lambda index, group: (index % len(source), group))  # later epochs index past the end
                .slice(slice(process_index, None, process_count))
                .shuffle(seed=seed)
                .repeat(None)

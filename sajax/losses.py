@@ -32,7 +32,8 @@ def response_token_nll(hidden: Array, output_weights: Array, tokens: Array, loss
 
     hidden [N,T,D] (final, normed), output_weights [D,V], tokens/loss_mask [N,T]. The projection, log-softmax
     and target pick run over sequence chunks of `chunk_size` positions inside a rematerialised `lax.scan`: the
-    forward and the backward hold one [N, chunk, V] float32 block at a time."""
+    forward and the backward hold one [N, chunk, V] float32 block at a time (with a single chunk, its logits
+    are kept for the backward instead of recomputed)."""
     n, t, d = hidden.shape
     hidden, targets, weights = hidden[:, :-1], tokens[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
     chunk = max(1, min(chunk_size, t - 1))
@@ -42,11 +43,15 @@ def response_token_nll(hidden: Array, output_weights: Array, tokens: Array, loss
     targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
     as_chunks = lambda x: jnp.moveaxis(x.reshape(n, chunks, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
 
-    @jax.checkpoint
     def chunk_nll(h, target):  # [N,C,D], [N,C] → [N,C]
         logits = (h.reshape(-1, d) @ output_weights).astype(jnp.float32).reshape(n, chunk, -1)
         picked = jnp.einsum("ncv,ncv->nc", logits, jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype))
         return jax.nn.logsumexp(logits, axis=-1) - picked
+
+    if chunks == 1:  # the whole sequence in one block: keep its logits for the backward, nothing to bound
+        nll = chunk_nll(hidden, targets)
+        return ResponseNLL(jnp.sum(nll * weights, axis=-1), jnp.sum(weights, axis=-1))
+    chunk_nll = jax.checkpoint(chunk_nll)  # recompute each block's logits in the backward
 
     def body(total, xs):
         h, target, w = xs

@@ -129,7 +129,10 @@ def data_sources(cfg, workdir: Path):
 def model_config(cfg) -> LlamaConfig:
     if not cfg.init_from:
         return LlamaConfig.from_dict(cfg.model)
-    hf_config = json.loads((Path(cfg.init_from) / "config.json").read_text())
+    config_file = Path(cfg.init_from) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: not found; init_from must be a HF LLaMA directory")
+    hf_config = json.loads(config_file.read_text())
     runtime = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat_policy", "scan_layers")}
     return LlamaConfig.from_hf_dict(hf_config, source=f"{cfg.init_from}/config.json", **runtime)
 

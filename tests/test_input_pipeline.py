@@ -151,3 +151,15 @@ def test_write_tfds_replaces_only_when_complete(tmp_path):
                                              {"query": "q", "responses": ["a", "b"], "scores": [1.0]}]}, out)
     assert sorted(p.name for p in out.iterdir()) == before and len(GroupSource(out)) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_reference_logps_follow_their_records_across_epochs(tok, tfds_dir):
+    source = GroupSource(tfds_dir, "train")  # 20 groups
+    scores = [np.asarray(source[i]["scores"], np.float32) for i in range(len(source))]
+    reference = input_pipeline.ReferenceLogps(np.concatenate([[0], np.cumsum([len(s) for s in scores])]),
+                                              np.concatenate(scores))  # reference value = the response's score
+    enc = input_pipeline.GroupEncoder(tok, max_len=32, max_prompt_len=16, num_comp=2)
+    stream = iter(input_pipeline.train_dataset(source, enc, batch_size=4, seed=1, reference=reference))
+    for _ in range(15):  # three epochs
+        batch = next(stream)
+        np.testing.assert_array_equal(batch["reference_logp"][batch["valid"]], batch["scores"][batch["valid"]])

@@ -279,3 +279,16 @@ def test_train_cli_reports_bad_input_without_traceback(tmp_path):
     assert not (tmp_path / "wd" / "checkpoints").exists() or not any((tmp_path / "wd" / "checkpoints").iterdir())
     missing = _train_cli(tmp_path / "wd2", "--config.train.stepz=3")
     assert missing.returncode == 2 and "stepz" in missing.stderr
+
+
+def test_init_from_a_hf_checkpoint(trained, tmp_path):
+    workdir, _ = trained
+    hf_dir, _ = export.export(str(workdir), str(tmp_path / "hf"))
+    cfg = tiny_config(**{"init_from": str(hf_dir), "train.steps": 1, "optimizer.learning_rate": 0.0,
+                         "optimizer.weight_decay": 0.0, "eval_every": 0, "checkpoint.every": 1})
+    train.run(cfg, tmp_path / "wd")
+    _, loaded = hf.load_pretrained(hf_dir)
+    state = _final_params(tmp_path / "wd", 1)
+    assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(state["params"]), loaded))
+    with pytest.raises(FileNotFoundError, match="config.json: not found"):
+        train.run(tiny_config(**{"init_from": str(tmp_path / "nothing")}), tmp_path / "wd2")
