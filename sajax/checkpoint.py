@@ -14,11 +14,14 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    def __init__(self, workdir: str | Path, *, keep: int, every: int):
+    def __init__(self, workdir: str | Path, *, keep: int, every: int, owner: bool = True):
+        """`owner`: the training run (removes temporary directories a crash left behind); readers such as
+        export pass False so that they never touch a save in progress."""
         self.directory = Path(workdir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every, create=True,
+                                                 cleanup_tmp_directories=owner),
             item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:

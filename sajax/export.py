@@ -21,7 +21,7 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[Path, int]:
         raise FileNotFoundError(f"{config_file}: not found; is {workdir} a sajax-train workdir?")
     cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
     config = train_lib.model_config(cfg)
-    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, every=cfg.checkpoint.every)
+    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, every=cfg.checkpoint.every, owner=False)
     available = list(ckpt.manager.all_steps())
     step = ckpt.latest_step() if step is None else step
     if step is None or step not in available:
