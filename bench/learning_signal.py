@@ -10,10 +10,14 @@ initialisation on the same batches; the table shows the validation split's pairw
 
 import argparse
 import tempfile
+from pathlib import Path
 
 from sajax import train
-from sajax.configs import tiny
+from sajax.config_files import load_module
 from sajax.losses import OBJECTIVES
+
+
+tiny = load_module(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 
 
 def main():

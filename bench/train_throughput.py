@@ -12,10 +12,10 @@ as processed positions (groups × K × T). MFU = model FLOPs (6·N + attention) 
 
 import argparse
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import torch
 import transformers
@@ -23,7 +23,7 @@ import transformers
 from sajax import hf, input_pipeline, metrics, sharding
 from sajax import train_step as ts
 from sajax.config import LlamaConfig
-from sajax.configs import tiny
+from sajax.config_files import load_module
 
 CONFIGS = {  # name: (HF config kwargs, groups per sajax step)
     "small (4 layers, hidden 256, vocab 8k)": (dict(vocab_size=8000, hidden_size=256, intermediate_size=688,
@@ -33,6 +33,9 @@ CONFIGS = {  # name: (HF config kwargs, groups per sajax step)
                                                     num_hidden_layers=8, num_attention_heads=8,
                                                     num_key_value_heads=8), 8),
 }
+
+
+tiny = load_module(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 
 
 def synthetic_batch(groups, k, t, vocab, seed=0):

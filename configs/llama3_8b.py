@@ -8,13 +8,15 @@ same architecture, for random-init runs and for the shape check in the tests. Pa
 are split over `fsdp` (all devices by default); compute is bfloat16, parameters float32.
 """
 
+from pathlib import Path
+
 import ml_collections
 
-from sajax.configs import tiny
+from sajax.config_files import load_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = tiny.get_config()
+    config = load_config(Path(__file__).with_name("tiny.py"))  # the same sections, scaled up below
     config.model = ml_collections.ConfigDict(dict(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,

@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 from importlib import resources
+from pathlib import Path
 
 import jax
 from absl import app, flags, logging
@@ -23,7 +24,15 @@ from ml_collections import config_flags
 from sajax import generate, hf, model, sharding, tokenizer
 from sajax.config import LlamaConfig
 
-DEFAULT_CONFIG = str(resources.files("sajax.configs").joinpath("tiny.py"))
+def _default_config() -> str:
+    """configs/tiny.py: installed as the package `sajax.configs`, or beside `sajax/` in a source checkout."""
+    try:
+        return str(resources.files("sajax.configs").joinpath("tiny.py"))
+    except ModuleNotFoundError:
+        return str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
+
+
+DEFAULT_CONFIG = _default_config()
 
 
 def initialize_distributed() -> None:

@@ -18,9 +18,11 @@ import pytest
 from sajax import alignment_data, demo_data, export, hf, input_pipeline, model, reference, sharding, tokenizer
 from sajax import train, train_step as ts
 from sajax.config import LlamaConfig
-from sajax.configs import llama3_8b, tiny
+from sajax.config_files import load_module
 
 BIN = os.path.dirname(sys.executable)
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+tiny, llama3_8b = load_module(CONFIGS / "tiny.py"), load_module(CONFIGS / "llama3_8b.py")
 ENV_ONE_DEVICE = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 

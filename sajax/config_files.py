@@ -1,0 +1,25 @@
+"""Loading `get_config()` files (configs/*.py) by path, the way `--config FILE` does, without importing them as
+part of a package — so they work from a source checkout and from the installed `sajax.configs` alike."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import ml_collections
+
+
+def load_module(path: str | os.PathLike):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"_sajax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`get_config()` of the config file at `path`."""
+    return load_module(path).get_config()
