@@ -1,0 +1,87 @@
+"""Text → unit vectors for memory search: a hashing n-gram embedder (offline default), the local sajax
+model's mean-pooled hidden states, or any OpenAI-compatible `/v1/embeddings` endpoint."""
+
+from __future__ import annotations
+
+import functools
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sim.memory import normalize
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+class HashingEmbedder:
+    """Deterministic bag of word unigrams, word bigrams and character trigrams, each hashed (CRC32) to one of
+    `dim` buckets with a hashed sign, then L2-normalised. No model, no network, identical on every machine."""
+
+    def __init__(self, dim: int = 256):
+        self.dim = dim
+
+    def _features(self, text: str) -> list[str]:
+        words = _WORD.findall(text.lower())
+        grams = [f"w:{w}" for w in words] + [f"b:{a} {b}" for a, b in zip(words, words[1:])]
+        joined = " ".join(words)
+        return grams + [f"c:{joined[i:i + 3]}" for i in range(max(len(joined) - 2, 0))]
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for row, text in enumerate(texts):
+            for feature in self._features(text):
+                h = zlib.crc32(feature.encode("utf-8"))
+                out[row, h % self.dim] += 1.0 if (h >> 31) & 1 else -1.0
+        return normalize(out)
+
+
+class LocalModelEmbedder:
+    """Mean over real tokens of the final (normed) hidden states of the local sajax LLaMA."""
+
+    def __init__(self, config, params, tokenizer, max_len: int = 128, length_bucket: int = 32):
+        self.config, self.params, self.tokenizer = config, params, tokenizer
+        self.max_len, self.length_bucket = max_len, length_bucket
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        encoded = [self.tokenizer.encode(t, add_special_tokens=True)[: self.max_len] or [0] for t in texts]
+        width = -(-max(len(e) for e in encoded) // self.length_bucket) * self.length_bucket
+        ids = np.zeros((len(texts), width), np.int32)
+        mask = np.zeros_like(ids)
+        for i, e in enumerate(encoded):
+            ids[i, : len(e)], mask[i, : len(e)] = e, 1
+        return normalize(np.asarray(_mean_hidden(self.config, self.params, ids, mask)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_hidden(config, params, ids, mask):
+    from sajax import model
+
+    hidden = model.hidden_states(config, params, ids, mask).astype(jnp.float32)  # [B,T,D]
+    weights = mask[..., None].astype(jnp.float32)
+    return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
+class OpenAIEmbedder:
+    """`POST {base_url}/embeddings` with {model, input: [...]} on an OpenAI-compatible server."""
+
+    def __init__(self, client, model: str, batch_size: int = 64):
+        self.client, self.model, self.batch_size = client, model, batch_size
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        rows = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start:start + self.batch_size]
+            body = self.client.post("/embeddings", {"model": self.model, "input": chunk})
+            try:
+                data = sorted(body["data"], key=lambda d: d["index"])
+                vectors = [d["embedding"] for d in data]
+            except (KeyError, TypeError) as e:
+                raise ValueError(f"{self.client.base_url}/embeddings: malformed response ({e!r})") from e
+            if len(vectors) != len(chunk):
+                raise ValueError(f"{self.client.base_url}/embeddings: {len(vectors)} embeddings for {len(chunk)} "
+                                 "inputs")
+            rows += vectors
+        return normalize(np.asarray(rows, np.float32))
