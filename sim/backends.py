@@ -1,0 +1,192 @@
+"""LM backends behind one small interface: batched `generate` and batched `rate`.
+
+Every call takes a whole stage's requests at once (all drafts, all feedback, ...) and a seed derived from
+(world seed, round, stage), so a resumed round reproduces the same outputs. A rating that cannot be obtained
+is `Rating(None, …)`, never a made-up number.
+
+- `ScriptedBackend`: deterministic rule-based agents for tests and demos (labelled "scripted" in every record).
+- `LocalBackend`: the sajax LLaMA (random tiny or a HF directory); ratings read as a distribution over the
+  tokens "1"…"7" after "Rating:" with `score_continuations`, then the reason generated.
+- `sim.openai_backend.OpenAIBackend`: any OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from typing import Sequence
+
+import numpy as np
+
+from sajax.demo_data import CONSIDERATE, HARMFUL
+
+RATING_PATTERN = re.compile(r"^\s*(?:Rating:\s*)?([1-7](?:\.\d+)?)\b\s*(?:###\s*Reason:\s*(.*))?", re.S | re.I)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    prompt: str  # the full text for a language model
+    question: str  # structured fields for the scripted agents
+    answer: str | None = None
+    label: str | None = None  # the asking agent's stance ('good' / 'bad'), None for observers
+    stage: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rating:
+    value: float | None  # 1..7, None = missing
+    reason: str | None
+
+
+@dataclasses.dataclass
+class StageStats:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def parse_rating(text: str | None) -> Rating:
+    """'Rating: N ### Reason: …' (or 'N ### Reason: …' after a 'Rating:' prompt) → Rating; unparsable → missing."""
+    if text is None:
+        return Rating(None, None)
+    match = RATING_PATTERN.match(text)
+    if not match:
+        return Rating(None, text.strip() or None)
+    reason = (match.group(2) or "").strip() or None
+    return Rating(float(match.group(1)), reason)
+
+
+class Backend:
+    kind = "base"
+
+    def __init__(self):
+        self.stats: dict[str, StageStats] = {}
+
+    def _count(self, stage: str, calls: int, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        s = self.stats.setdefault(stage, StageStats())
+        s.calls += calls
+        s.prompt_tokens += prompt_tokens
+        s.completion_tokens += completion_tokens
+
+    def generate(self, requests: Sequence[Request], seed: int) -> list[str | None]:
+        raise NotImplementedError
+
+    def rate(self, requests: Sequence[Request], seed: int) -> list[Rating]:
+        raise NotImplementedError
+
+
+def _pick(options: Sequence[str], *keys: object) -> str:
+    return options[zlib.crc32("|".join(map(str, keys)).encode()) % len(options)]
+
+
+def _considerate_share(text: str) -> float | None:
+    words = re.findall(r"[a-z]+", text.lower())
+    good = sum(w in CONSIDERATE for w in words)
+    bad = sum(w in HARMFUL for w in words)
+    return None if good + bad == 0 else good / (good + bad)
+
+
+class ScriptedBackend(Backend):
+    """Rule-based agents: 'good' agents answer with considerate actions, 'bad' ones with harmful actions; a
+    rating is 1 + 6 × the share of considerate words (missing if the answer uses none of the listed words);
+    engagement grows with the answer's length; a revision swaps harmful actions for considerate ones when the
+    average rating was below 4. Deterministic: the same requests and seed give the same outputs."""
+
+    kind = "scripted"
+
+    def generate(self, requests: Sequence[Request], seed: int) -> list[str | None]:
+        self._count(requests[0].stage if requests else "", len(requests))
+        return [self._revise(r) if r.answer is not None else self._draft(r, seed) for r in requests]
+
+    def _draft(self, request: Request, seed: int) -> str:
+        words = CONSIDERATE if request.label == "good" else HARMFUL
+        first, second = _pick(words, seed, request.question, 1), _pick(words, seed, request.question, 2)
+        return f"I would {first} and {second}, because that is what the situation calls for."
+
+    def _revise(self, request: Request) -> str:
+        average = re.search(r"rated ([0-9.]+) out of 7", request.prompt)
+        if average and float(average.group(1)) >= 4:
+            return request.answer + " I would also explain my reasons."
+        text = request.answer
+        for i, bad in enumerate(HARMFUL):
+            text = re.sub(rf"\b{bad}\b", CONSIDERATE[i % len(CONSIDERATE)], text)
+        return text
+
+    def rate(self, requests: Sequence[Request], seed: int) -> list[Rating]:
+        self._count(requests[0].stage if requests else "", len(requests))
+        out = []
+        for r in requests:
+            if r.stage.endswith("engagement"):
+                words = len(r.answer.split())
+                out.append(Rating(float(min(7, max(1, words // 4))), f"The answer has {words} words."))
+                continue
+            share = _considerate_share(r.answer)
+            if share is None:
+                out.append(Rating(None, "The answer names no action I can judge."))
+            else:
+                out.append(Rating(float(round(1 + 6 * share)), f"{round(100 * share)}% of the actions named are "
+                                                                 "considerate."))
+        return out
+
+
+class LocalBackend(Backend):
+    """The sajax LLaMA: jitted batched generation; ratings from the probabilities of "1"…"7"."""
+
+    kind = "local"
+
+    def __init__(self, config, params, tokenizer, *, max_new_tokens: int = 48, temperature: float = 0.7,
+                 top_p: float = 0.95, reason_tokens: int = 32, rating_mode: str = "expected",
+                 name: str = "local"):
+        super().__init__()
+        if rating_mode not in ("expected", "argmax"):
+            raise ValueError(f"backend.rating_mode must be 'expected' or 'argmax', got {rating_mode!r}")
+        self.config, self.params, self.tokenizer = config, params, tokenizer
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.reason_tokens, self.rating_mode, self.name = reason_tokens, rating_mode, name
+        self._rating_tokens = [tokenizer.encode(f" {n}", add_special_tokens=False) for n in range(1, 8)]
+
+    def _generate(self, prompts: list[str], seed: int, max_new_tokens: int) -> list[str]:
+        from sajax import generate
+
+        encoded = [self.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+        eos = list(dict.fromkeys(list(self.config.eos_token_ids) + [self.tokenizer.eos_token_id]))
+        out = generate.generate(self.config, self.params, encoded, max_new_tokens=max_new_tokens,
+                                temperature=self.temperature, top_p=self.top_p, seed=seed, eos_token_id=eos,
+                                pad_token_id=self.tokenizer.pad_token_id)
+        self._count_tokens(encoded, out.lengths)
+        return [self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+                for row, n in zip(out.tokens, out.lengths)]
+
+    def _count_tokens(self, encoded, lengths):
+        self._last = (sum(len(e) for e in encoded), int(np.sum(lengths)))
+
+    def generate(self, requests: Sequence[Request], seed: int) -> list[str | None]:
+        texts = self._generate([r.prompt for r in requests], seed, self.max_new_tokens)
+        self._count(requests[0].stage if requests else "", len(requests), *self._last)
+        return texts
+
+    def rating_distribution(self, prompts: list[str]) -> np.ndarray:
+        """p(rating = n | prompt) for n = 1..7 [len(prompts), 7], one forward pass for all prompts × ratings."""
+        from sajax import generate
+
+        encoded = [self.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+        logp = generate.score_continuations(self.config, self.params,
+                                            [e for e in encoded for _ in range(7)], self._rating_tokens * len(prompts))
+        logp = logp.reshape(len(prompts), 7)
+        probs = np.exp(logp - logp.max(axis=1, keepdims=True))
+        return probs / probs.sum(axis=1, keepdims=True)
+
+    def rate(self, requests: Sequence[Request], seed: int) -> list[Rating]:
+        if not requests:
+            return []
+        probs = self.rating_distribution([r.prompt for r in requests])
+        if self.rating_mode == "expected":
+            values = probs @ np.arange(1, 8)
+        else:
+            values = np.argmax(probs, axis=1) + 1.0
+        reason_prompts = [f"{r.prompt} {round(v)} ### Reason:" for r, v in zip(requests, values)]
+        reasons = self._generate(reason_prompts, seed, self.reason_tokens)
+        prompt_tokens, completion_tokens = self._last
+        self._count(requests[0].stage, len(requests), prompt_tokens, completion_tokens)
+        return [Rating(float(v), reason or None) for v, reason in zip(values, reasons)]
