@@ -12,6 +12,7 @@ RUNTIME = [
     "ml_dtypes==0.6.0",  # bfloat16 for numpy (safetensors I/O); the version jax 0.10.2 installs
     "absl-py==2.5.1",  # CLI flags; the version ml_collections installs
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
+    "matplotlib==3.11.2",  # the simulator's metrics plot
 ]
 TEST = ["pytest==9.2.0", "torch==2.13.0"]  # torch: the PyTorch LLaMA reference in tests only
 
@@ -22,12 +23,14 @@ setup(
     python_requires=">=3.11",
     packages=["sajax", "sajax.configs", "sim"],
     package_dir={"sajax.configs": "configs"},
-    package_data={"sajax": ["assets/*.txt"]},
+    package_data={"sajax": ["assets/*.txt"], "sim": ["assets/*.txt"]},
     install_requires=RUNTIME,
     extras_require={"test": TEST},
     entry_points={"console_scripts": [
         "sajax-train=sajax.cli:train_main",
         "sajax-export=sajax.cli:export_main",
         "sajax-generate=sajax.cli:generate_main",
+        "sajax-sim=sim.cli:sim_main",
+        "sajax-sim-dataset=sim.cli:dataset_main",
     ]},
 )

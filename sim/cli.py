@@ -1,0 +1,88 @@
+"""`sajax-sim` (run or resume a simulation) and `sajax-sim-dataset` (its records → a TFDS alignment dataset)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_FLAGS = flags.FLAGS
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "sim_tiny.py")
+
+
+def _default_config() -> str:
+    from importlib import resources
+
+    try:
+        return str(resources.files("sajax.configs").joinpath("sim_tiny.py"))
+    except ModuleNotFoundError:
+        return DEFAULT_CONFIG
+
+
+def _define_sim_flags() -> None:
+    config_flags.DEFINE_config_file("config", _default_config(), "ml_collections sim config file.")
+    flags.DEFINE_string("workdir", None, "Simulation directory (rounds, state, metrics).", required=True)
+    flags.DEFINE_bool("resume", False, "Continue after the last committed round.")
+    flags.DEFINE_bool("overwrite", False, "Delete an existing workdir and start again.")
+
+
+def _sim_main(argv) -> None:
+    del argv
+    from sim import run, store
+    from sim.openai_backend import BackendError
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        metrics = run.simulate(_FLAGS.config, _FLAGS.workdir, resume=_FLAGS.resume, overwrite=_FLAGS.overwrite)
+    except (ValueError, OSError, store.WorkdirError, BackendError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    last = metrics[-1]
+    print(f"{len(metrics)} rounds in {_FLAGS.workdir}; round {last['round']}: alignment "
+          f"{last['alignment_before']['mean']} → {last['alignment_after']['mean']}")
+
+
+def sim_main() -> None:
+    from sajax.cli import _run_app
+
+    _run_app(_sim_main, _define_sim_flags)
+
+
+def _define_dataset_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Simulation directory written by sajax-sim.")
+    flags.DEFINE_string("original", None, "Instead of --workdir: the original project's records (JSON/JSONL).")
+    flags.DEFINE_string("out", None, "TFDS dataset directory to write (replaced when complete).", required=True)
+    flags.DEFINE_list("ratios", ["5", "1", "1"], "imitation,self_critic,realignment sampling ratio.")
+    flags.DEFINE_integer("validation_percent", 10, "Share of queries in the validation split.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def _dataset_main(argv) -> None:
+    del argv
+    from sim import dataset, store
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        if bool(_FLAGS.workdir) == bool(_FLAGS.original):
+            raise ValueError("give exactly one of --workdir and --original")
+        if _FLAGS.workdir:
+            records = store.read_records(Path(_FLAGS.workdir))
+            if not records:
+                raise ValueError(f"{_FLAGS.workdir}: no committed rounds")
+        else:
+            records = dataset.convert_original(_FLAGS.original)
+        counts = dataset.build(records, _FLAGS.out, ratios=tuple(int(r) for r in _FLAGS.ratios),
+                               validation_percent=_FLAGS.validation_percent, seed=_FLAGS.seed)
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    print(f"wrote {_FLAGS.out}: " + "; ".join(f"{split} " + ", ".join(f"{k} {n}" for k, n in kinds.items())
+                                              for split, kinds in counts.items()))
+
+
+def dataset_main() -> None:
+    from sajax.cli import _run_app
+
+    _run_app(_dataset_main, _define_dataset_flags)

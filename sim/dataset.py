@@ -1,0 +1,130 @@
+"""Interaction records → the alignment dataset (TFDS; the format in sajax.alignment_data).
+
+Three kinds of data, each an Alpaca-style (instruction, input, output) with a score, grouped per query:
+- imitation: instruction = the question; outputs = the draft (scored by observer alignment before revision)
+  and the revision (observer alignment after); responses without a score are left out;
+- self_critic: instruction = the question + a request to comment on the response's alignment; input = the
+  draft; outputs = the peers' reasons, scored by their ratings;
+- realignment: instruction = the question + the draft + a request to comment and then revise; output = the
+  feedback + "### Revised answer:" + the revision; kept only when observer alignment rose and ends above the
+  midpoint of the scale; score = alignment after.
+Groups with the same query (the same question asked of several agents, in any round) are merged. Kinds are
+sampled in the ratio `ratios` (5 : 1 : 1 by default) and queries split between train and validation by a hash
+of the query, so no query is in both.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from sajax import alignment_data
+
+SELF_CRITIC_REQUEST = "Comment on how well the response below is aligned with shared social values."
+REALIGNMENT_REQUEST = ("Comment on how well the response is aligned with shared social values, then write a revised "
+                       "response.")
+REVISION_MARKER = "### Revised answer:"
+
+
+def _groups(records: Iterable[dict], midpoint: float) -> dict[tuple[str, str, str], dict]:
+    groups: dict[tuple[str, str, str], dict] = {}
+
+    def add(kind, instruction, input_text, response, score, record):
+        if response is None or score is None or not str(response).strip():
+            return
+        key = (kind, instruction, input_text)
+        group = groups.setdefault(key, {"responses": [], "scores": [], "model": record.get("model", ""),
+                                        "world_id": int(record.get("world_id", 0))})
+        group["responses"].append(str(response).strip())
+        group["scores"].append(float(score))
+
+    for r in records:
+        question, draft, revision = r["question"], r.get("draft_answer"), r.get("revised_answer")
+        before, after = r.get("gen_moral_score_before"), r.get("gen_moral_score_after")
+        add("imitation", question, "", draft, before, r)
+        add("imitation", question, "", revision, after, r)
+        if draft is None:
+            continue
+        for f in r.get("feedback", []):
+            add("self_critic", f"{question}\n{SELF_CRITIC_REQUEST}", draft, f.get("reason"), f.get("rating"), r)
+        if revision is not None and before is not None and after is not None and after > before and after > midpoint:
+            reasons = " ".join(f["reason"] for f in r.get("feedback", []) if f.get("reason"))
+            add("realignment", f"{question}\n\nResponse: {draft}\n\n{REALIGNMENT_REQUEST}", "",
+                f"{reasons}\n{REVISION_MARKER}\n{revision}", after, r)
+    return groups
+
+
+def build(records: list[dict], out_dir: str | Path, *, ratios=(5, 1, 1), validation_percent: int = 10,
+          seed: int = 0, rating_scale: float = 7.0) -> dict[str, dict[str, int]]:
+    """Writes the dataset; returns the number of groups per split and kind."""
+    groups = _groups(records, midpoint=(1.0 + rating_scale) / 2)
+    by_kind = {kind: sorted(k for k in groups if k[0] == kind) for kind in alignment_data.KINDS}
+    weights = dict(zip(alignment_data.KINDS, ratios))
+    present = [kind for kind in alignment_data.KINDS if weights[kind] > 0 and by_kind[kind]]
+    if not present:
+        raise ValueError("no usable interaction records: every response lacks a rating")
+    unit = min(len(by_kind[kind]) / weights[kind] for kind in present)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for kind in present:
+        keys = by_kind[kind]
+        take = min(len(keys), max(1, int(unit * weights[kind])))
+        chosen += [keys[i] for i in sorted(rng.choice(len(keys), size=take, replace=False))]
+    splits: dict[str, list[dict]] = {"train": [], "validation": []}
+    counts = {split: {kind: 0 for kind in alignment_data.KINDS} for split in splits}
+    for kind, instruction, input_text in chosen:
+        group = groups[(kind, instruction, input_text)]
+        query = alignment_data.alpaca_query(instruction, input_text)
+        split = "validation" if zlib.crc32(query.encode("utf-8")) % 100 < validation_percent else "train"
+        splits[split].append({"query": query, "instruction": instruction, "input": input_text,
+                              "responses": group["responses"], "scores": group["scores"], "kind": kind,
+                              "model": group["model"], "world_id": group["world_id"]})
+        counts[split][kind] += 1
+    alignment_data.write_tfds({k: v for k, v in splits.items()}, out_dir)
+    return counts
+
+
+def convert_original(path: str | Path) -> list[dict]:
+    """Records of the original project's per-agent external memory (a JSON list or JSONL of
+    {question, draft_answer, feedback, rating, revised_answer, gen_moral_score_before, gen_moral_score_after,
+    ...}) in our record format. `feedback` may be a list of {rating, reason} objects or of reason strings with a
+    parallel `rating` list."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+            else json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    records = []
+    for n, row in enumerate(rows):
+        where = f"{path} record {n}"
+        for field in ("question", "draft_answer"):
+            if field not in row:
+                raise ValueError(f"{where}: missing field {field!r}")
+        feedback = row.get("feedback") or []
+        ratings = row.get("rating")
+        if feedback and isinstance(feedback[0], str):
+            if not isinstance(ratings, list) or len(ratings) != len(feedback):
+                raise ValueError(f"{where}: 'feedback' holds {len(feedback)} reasons but 'rating' is {ratings!r}")
+            feedback = [{"rating": r, "reason": f} for f, r in zip(feedback, ratings)]
+        records.append({"question": row["question"], "draft_answer": row["draft_answer"],
+                        "revised_answer": row.get("revised_answer"),
+                        "feedback": [{"rating": _score(f.get("rating")), "reason": f.get("reason")}
+                                     for f in feedback],
+                        "gen_moral_score_before": _score(row.get("gen_moral_score_before")),
+                        "gen_moral_score_after": _score(row.get("gen_moral_score_after")),
+                        "model": str(row.get("model", "original")), "world_id": int(row.get("world_id", 0))})
+    return records
+
+
+def _score(value) -> float | None:
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        return None
+    return score if np.isfinite(score) else None

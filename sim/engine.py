@@ -1,0 +1,154 @@
+"""One Back-Scatter round for the whole society, each stage one batched backend call.
+
+Round r: every agent gets a fresh question, then
+  1. draft     — all agents answer (with their most similar remembered Q/A, if close enough);
+  2. feedback  — every (agent, peer) pair: the peer rates the draft 1–7 and says why;
+  3. revise    — all agents see the average rating and the reasons (lowest last) and revise; the revision
+                 goes into the agent's memory;
+  4. observe   — memory-less observers rate alignment and engagement of every draft and revision.
+All randomness comes from the society's one generator (questions, peers) and from per-stage seeds derived
+from (seed, round, stage), so a round recomputed after a crash is identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from sim import prompts, world
+from sim.backends import Backend, Rating, Request
+from sim.memory import Memory
+
+STAGES = ("draft", "feedback", "revise", "observe_alignment", "observe_engagement")
+
+
+@dataclasses.dataclass
+class Agent:
+    index: int
+    label: str
+    location: tuple[int, int]
+    memory: Memory
+
+
+@dataclasses.dataclass
+class MemoryConfig:
+    top_k: int = 1
+    threshold: float = 0.3
+    scann_min_size: int = 4096
+
+
+class Society:
+    def __init__(self, world_config: world.WorldConfig, memory_config: MemoryConfig, agents: list[Agent],
+                 rng: np.random.Generator, embedder, seed: int, world_id: int = 0):
+        self.world, self.memory_config, self.agents, self.rng = world_config, memory_config, agents, rng
+        self.embedder, self.seed, self.world_id = embedder, seed, world_id
+        self.circles = world.social_circles(world_config)
+
+    def stage_seed(self, round_index: int, stage: str) -> int:
+        return int(np.random.SeedSequence([self.seed, round_index, STAGES.index(stage)]).generate_state(1)[0])
+
+    def recall(self, agent: Agent, embedding: np.ndarray) -> list[tuple[str, str]]:
+        c = self.memory_config
+        return agent.memory.recall(embedding, c.top_k, c.threshold, c.scann_min_size)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def run_round(society: Society, round_index: int, questions: list[str], backend: Backend,
+              observer_backend: Backend, num_observers: int, progress=None) -> tuple[list[dict], dict]:
+    """Runs round `round_index` (1-based) and returns (one record per agent, round metrics)."""
+    start = time.perf_counter()
+    before = {id(b): {s: dataclasses.replace(v) for s, v in b.stats.items()} for b in (backend, observer_backend)}
+    agents = society.agents
+    asked = [questions[i] for i in society.rng.choice(len(questions), size=len(agents),
+                                                     replace=len(questions) < len(agents))]
+    question_vectors = society.embedder.embed(asked)
+    peers = [world.select_peers(society.world, a.index, society.circles[a.index], society.rng) for a in agents]
+
+    def step(name):
+        if progress is not None:
+            progress.set_postfix_str(f"round {round_index}: {name}")
+
+    step("draft")
+    drafts = backend.generate([
+        Request(prompts.draft(q, society.recall(a, v[None])), q, label=a.label, stage="draft")
+        for a, q, v in zip(agents, asked, question_vectors)], society.stage_seed(round_index, "draft"))
+
+    step("feedback")
+    pairs = [(i, p) for i, a in enumerate(agents) if drafts[i] is not None for p in peers[i]]
+    feedback = backend.rate([
+        Request(prompts.feedback(asked[i], drafts[i], society.recall(agents[p], question_vectors[i][None])),
+                asked[i], drafts[i], label=agents[p].label, stage="feedback") for i, p in pairs],
+        society.stage_seed(round_index, "feedback")) if pairs else []
+    per_agent: dict[int, list[tuple[int, Rating]]] = {i: [] for i in range(len(agents))}
+    for (i, p), rating in zip(pairs, feedback):
+        per_agent[i].append((p, rating))
+
+    step("revise")
+    to_revise = [i for i in range(len(agents)) if drafts[i] is not None]
+    averages = {i: _mean([r.value for _, r in per_agent[i]]) for i in to_revise}
+    revised_list = backend.generate([
+        Request(prompts.revise(asked[i], drafts[i], averages[i],
+                               [(r.value, r.reason or "(no reason given)") for _, r in per_agent[i]]),
+                asked[i], drafts[i], label=agents[i].label, stage="revise") for i in to_revise],
+        society.stage_seed(round_index, "revise")) if to_revise else []
+    revised = dict(zip(to_revise, revised_list))
+    for i in to_revise:
+        final = revised[i] if revised[i] is not None else drafts[i]
+        agents[i].memory.add(asked[i], final, question_vectors[i])
+
+    observed = {}
+    for kind, build in (("alignment", prompts.observe_alignment), ("engagement", prompts.observe_engagement)):
+        step(f"observe {kind}")
+        targets = [(i, when, text) for i in to_revise
+                   for when, text in (("before", drafts[i]), ("after", revised[i])) if text is not None]
+        requests = [Request(build(asked[i], text), asked[i], text, stage=f"observe_{kind}")
+                    for i, _, text in targets for _ in range(num_observers)]
+        ratings = observer_backend.rate(requests, society.stage_seed(round_index, f"observe_{kind}")) \
+            if requests else []
+        for n, (i, when, _) in enumerate(targets):
+            observed[(i, kind, when)] = ratings[n * num_observers:(n + 1) * num_observers]
+
+    records = []
+    for i, agent in enumerate(agents):
+        record = {"world_id": society.world_id, "round": round_index, "agent": agent.index, "label": agent.label,
+                  "location": list(agent.location), "question": asked[i], "draft_answer": drafts[i],
+                  "feedback": [{"agent": p, "rating": r.value, "reason": r.reason} for p, r in per_agent[i]],
+                  "rating": averages.get(i), "revised_answer": revised.get(i),
+                  "model": backend.name if hasattr(backend, "name") else backend.kind}
+        for kind, key in (("alignment", "moral"), ("engagement", "engagement")):
+            for when in ("before", "after"):
+                found = observed.get((i, kind, when), [])
+                record[f"gen_{key}_score_{when}"] = _mean([r.value for r in found])
+                record[f"gen_{key}_reasons_{when}"] = [r.reason for r in found]
+        records.append(record)
+    return records, round_metrics(records, before, (backend, observer_backend), time.perf_counter() - start)
+
+
+def round_metrics(records: list[dict], stats_before: dict, backends, seconds: float) -> dict:
+    def stats(key):
+        values = np.array([r[key] for r in records if r[key] is not None], np.float64)
+        return {"mean": float(values.mean()) if len(values) else None,
+                "median": float(np.median(values)) if len(values) else None,
+                "missing": int(sum(r[key] is None for r in records))}
+
+    metrics = {"round": records[0]["round"], "seconds": seconds,
+               "alignment_before": stats("gen_moral_score_before"), "alignment_after": stats("gen_moral_score_after"),
+               "engagement_before": stats("gen_engagement_score_before"),
+               "engagement_after": stats("gen_engagement_score_after"),
+               "missing_feedback_ratings": int(sum(f["rating"] is None for r in records for f in r["feedback"])),
+               "missing_drafts": int(sum(r["draft_answer"] is None for r in records)),
+               "missing_revisions": int(sum(r["revised_answer"] is None for r in records
+                                            if r["draft_answer"] is not None)),
+               "stages": {}}
+    for backend in {id(b): b for b in backends}.values():
+        for stage, now in backend.stats.items():
+            was = stats_before[id(backend)].get(stage)
+            metrics["stages"][stage] = {f: getattr(now, f) - (getattr(was, f) if was else 0)
+                                        for f in ("calls", "prompt_tokens", "completion_tokens")}
+    return metrics

@@ -1,0 +1,40 @@
+"""Per-round metrics: `metrics.json` and a PNG plot of observer alignment and engagement."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write(workdir: Path, metrics: list[dict]) -> None:
+    tmp = workdir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, workdir / "metrics.json")
+    if metrics:
+        plot(metrics, workdir / "metrics.png")
+
+
+def plot(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [m["round"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key, style in (("alignment_before", "C0--"), ("alignment_after", "C0-"), ("engagement_before", "C1--"),
+                       ("engagement_after", "C1-")):
+        values = [m[key]["mean"] for m in metrics]
+        ax.plot(rounds, [float("nan") if v is None else v for v in values], style, marker="o",
+                label=key.replace("_", " "))
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean observer rating (1–7)")
+    ax.set_ylim(1, 7)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
