@@ -54,7 +54,8 @@ def _define_dataset_flags() -> None:
     flags.DEFINE_string("workdir", None, "Simulation directory written by sajax-sim.")
     flags.DEFINE_string("original", None, "Instead of --workdir: the original project's records (JSON/JSONL).")
     flags.DEFINE_string("out", None, "TFDS dataset directory to write (replaced when complete).", required=True)
-    flags.DEFINE_list("ratios", ["5", "1", "1"], "imitation,self_critic,realignment sampling ratio.")
+    flags.DEFINE_list("ratios", ["5", "1", "1"], "imitation,self_critic,realignment sampling ratio; 'all' keeps "
+                                                 "every group.")
     flags.DEFINE_integer("validation_percent", 10, "Share of queries in the validation split.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
@@ -73,7 +74,8 @@ def _dataset_main(argv) -> None:
                 raise ValueError(f"{_FLAGS.workdir}: no committed rounds")
         else:
             records = dataset.convert_original(_FLAGS.original)
-        counts = dataset.build(records, _FLAGS.out, ratios=tuple(int(r) for r in _FLAGS.ratios),
+        ratios = None if _FLAGS.ratios == ["all"] else tuple(int(r) for r in _FLAGS.ratios)
+        counts = dataset.build(records, _FLAGS.out, ratios=ratios,
                                validation_percent=_FLAGS.validation_percent, seed=_FLAGS.seed)
     except (ValueError, OSError) as e:
         sys.stderr.write(f"error: {e}\n")

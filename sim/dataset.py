@@ -60,10 +60,10 @@ def _groups(records: Iterable[dict], midpoint: float) -> dict[tuple[str, str, st
 
 def build(records: list[dict], out_dir: str | Path, *, ratios=(5, 1, 1), validation_percent: int = 10,
           seed: int = 0, rating_scale: float = 7.0) -> dict[str, dict[str, int]]:
-    """Writes the dataset; returns the number of groups per split and kind."""
+    """Writes the dataset; returns the number of groups per split and kind. `ratios=None` keeps every group."""
     groups = _groups(records, midpoint=(1.0 + rating_scale) / 2)
     by_kind = {kind: sorted(k for k in groups if k[0] == kind) for kind in alignment_data.KINDS}
-    weights = dict(zip(alignment_data.KINDS, ratios))
+    weights = dict(zip(alignment_data.KINDS, ratios or (1, 1, 1)))
     present = [kind for kind in alignment_data.KINDS if weights[kind] > 0 and by_kind[kind]]
     if not present:
         raise ValueError("no usable interaction records: every response lacks a rating")
@@ -72,7 +72,7 @@ def build(records: list[dict], out_dir: str | Path, *, ratios=(5, 1, 1), validat
     chosen = []
     for kind in present:
         keys = by_kind[kind]
-        take = min(len(keys), max(1, int(unit * weights[kind])))
+        take = len(keys) if ratios is None else min(len(keys), max(1, int(unit * weights[kind])))
         chosen += [keys[i] for i in sorted(rng.choice(len(keys), size=take, replace=False))]
     splits: dict[str, list[dict]] = {"train": [], "validation": []}
     counts = {split: {kind: 0 for kind in alignment_data.KINDS} for split in splits}
@@ -84,7 +84,9 @@ def build(records: list[dict], out_dir: str | Path, *, ratios=(5, 1, 1), validat
                               "responses": group["responses"], "scores": group["scores"], "kind": kind,
                               "model": group["model"], "world_id": group["world_id"]})
         counts[split][kind] += 1
-    alignment_data.write_tfds({k: v for k, v in splits.items()}, out_dir)
+    if not splits["train"]:
+        raise ValueError("every selected query fell into the validation split; lower validation_percent")
+    alignment_data.write_tfds({split: groups for split, groups in splits.items() if groups}, out_dir)
     return counts
 
 

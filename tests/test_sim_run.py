@@ -1,0 +1,189 @@
+"""Whole simulations: record counts, determinism, crash safety, the dataset builder and the trainer reading it."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sajax import alignment_data, train
+from sajax.config_files import load_config
+from sim import dataset, run, store
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+BIN = os.path.dirname(sys.executable)
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
+def sim_config(**overrides):
+    cfg = load_config(CONFIGS / "sim_tiny.py")
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return cfg
+
+
+def _tree_bytes(directory: Path, pattern: str) -> dict:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob(pattern))}
+
+
+def test_scripted_world_is_deterministic_and_writes_expected_records(tmp_path):
+    for name in ("a", "b"):
+        metrics = run.simulate(sim_config(), tmp_path / name)
+        assert len(metrics) == 2
+    records = store.read_records(tmp_path / "a")
+    assert len(records) == 9 * 2 and {r["round"] for r in records} == {1, 2}
+    assert all(len(r["feedback"]) == 4 and r["model"] == "scripted" for r in records)
+    assert _tree_bytes(tmp_path / "a", "records.jsonl") == _tree_bytes(tmp_path / "b", "records.jsonl")
+    summary = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert summary[0]["stages"]["feedback"]["calls"] == 36 and summary[0]["stages"]["draft"]["calls"] == 9
+    assert summary[1]["alignment_after"]["mean"] >= summary[0]["alignment_before"]["mean"]
+    assert (tmp_path / "a" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    counts = [dataset.build(store.read_records(tmp_path / n), tmp_path / f"ds_{n}") for n in ("a", "b")]
+    assert counts[0] == counts[1] and sum(counts[0]["train"].values()) > 0
+    assert _tree_bytes(tmp_path / "ds_a", "*.array_record*") == _tree_bytes(tmp_path / "ds_b", "*.array_record*")
+    with pytest.raises(store.WorkdirError, match="exists and is not empty: pass --resume"):
+        run.simulate(sim_config(), tmp_path / "a")
+    with pytest.raises(store.WorkdirError, match=r"another configuration \(changed: seed\)"):
+        run.simulate(sim_config(seed=3), tmp_path / "a", resume=True)
+
+
+def test_dataset_kinds_split_and_plain_tfds(tmp_path):
+    run.simulate(sim_config(rounds=3, **{"world.grid_size": 4}), tmp_path / "w")
+    out = tmp_path / "ds"
+    counts = dataset.build(store.read_records(tmp_path / "w"), out)
+    assert all(counts["train"][k] > 0 for k in alignment_data.KINDS)
+    imitation, others = counts["train"]["imitation"], counts["train"]["self_critic"]
+    assert imitation >= 3 * others  # sampled towards 5 : 1 : 1
+    code = ("import sys, tensorflow_datasets as tfds\n"
+            "b = tfds.builder_from_directory(sys.argv[1])\n"
+            "assert 'sajax' not in sys.modules and 'sim' not in sys.modules\n"
+            "print(sorted(b.info.features.keys()), sorted(b.info.splits.keys()))\n"
+            "qs = [set(r['query'] for r in b.as_data_source(s)) for s in ('train', 'validation')]\n"
+            "print(len(qs[0] & qs[1]), b.info.features['kind'].names)\n")
+    out_text = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    assert out_text[0] == ("['input', 'instruction', 'kind', 'model', 'query', 'responses', 'scores', 'world_id'] "
+                           "['train', 'validation']")
+    assert out_text[1] == "0 ['imitation', 'self_critic', 'realignment']"
+
+
+def test_converter_reads_the_original_record_format(tmp_path):
+    original = [
+        {"question": "Should I return the wallet?", "draft_answer": "Maybe keep it.",
+         "feedback": ["Keeping it is theft.", "Return it."], "rating": [2, 1],
+         "revised_answer": "Return the wallet to its owner.", "gen_moral_score_before": 2,
+         "gen_moral_score_after": 6, "gen_engagement_score_before": 4, "gen_engagement_score_after": 5},
+        {"question": "Is lying ok?", "draft_answer": "Never.", "feedback": [{"rating": 5, "reason": "Too absolute."}],
+         "revised_answer": "Rarely, to protect someone.", "gen_moral_score_before": 5, "gen_moral_score_after": 4},
+    ]
+    (tmp_path / "orig.json").write_text(json.dumps(original))
+    records = dataset.convert_original(tmp_path / "orig.json")
+    assert records[0]["feedback"] == [{"rating": 2.0, "reason": "Keeping it is theft."},
+                                      {"rating": 1.0, "reason": "Return it."}]
+    counts = dataset.build(records, tmp_path / "ds", ratios=None, validation_percent=0)
+    assert counts["train"] == {"imitation": 2, "self_critic": 2, "realignment": 1}  # only the first one rose
+    source = alignment_data.GroupSource(tmp_path / "ds", "train")
+    groups = {source[i]["query"]: source[i] for i in range(len(source))}
+    first = groups[alignment_data.alpaca_query("Should I return the wallet?")]
+    assert first["responses"] == ["Maybe keep it.", "Return the wallet to its owner."]
+    assert first["scores"].tolist() == [2.0, 6.0]
+    (tmp_path / "bad.json").write_text(json.dumps([{"question": "q", "draft_answer": "a", "feedback": ["x"],
+                                                    "rating": [1, 2]}]))
+    with pytest.raises(ValueError, match="bad.json record 0: 'feedback' holds 1 reasons but 'rating' is"):
+        dataset.convert_original(tmp_path / "bad.json")
+
+
+class SlowOpenAI:
+    """A deterministic OpenAI-compatible server that takes 20 ms per request (so a kill lands mid-round)."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                time.sleep(0.02)
+                prompt = body["messages"][0]["content"]
+                h = zlib.crc32(prompt.encode())
+                reply = (f"Rating: {1 + h % 7} ### Reason: reason {h % 97}." if prompt.endswith("Rating:")
+                         else f"I would help ({h % 1000}).")
+                payload = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+def test_sigkill_mid_round_then_resume_gives_identical_records(tmp_path):
+    server = SlowOpenAI()
+    flags = ["--config.rounds=6", f"--config.backend.base_url={server.url}", "--config.backend.kind=openai",
+             "--config.backend.model=fake", "--config.backend.concurrency=4"]
+    command = lambda wd, *extra: [os.path.join(BIN, "sajax-sim"), f"--workdir={wd}", *flags, *extra]  # noqa
+    straight = subprocess.run(command(tmp_path / "straight"), capture_output=True, text=True, env=ENV, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    process = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=ENV)
+    deadline = time.time() + 120
+    while not store.committed_rounds(tmp_path / "killed") and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.25)  # inside the next round
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = store.committed_rounds(tmp_path / "killed")
+    assert 1 <= len(done) < 6, done
+    refused = subprocess.run(command(tmp_path / "killed"), capture_output=True, text=True, env=ENV, timeout=60)
+    assert refused.returncode == 1 and "pass --resume" in refused.stderr
+    resumed = subprocess.run(command(tmp_path / "killed", "--resume"), capture_output=True, text=True, env=ENV,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _tree_bytes(tmp_path / "killed", "records.jsonl") == _tree_bytes(tmp_path / "straight", "records.jsonl")
+    assert len(store.read_records(tmp_path / "killed")) == 6 * 9
+    server.httpd.shutdown()
+
+
+def test_local_backend_world_feeds_the_trainer(tmp_path):
+    cfg = sim_config(**{"backend.kind": "local", "observer_backend.kind": "local", "backend.max_new_tokens": 12,
+                        "backend.reason_tokens": 6, "observer_backend.max_new_tokens": 12,
+                        "observer_backend.reason_tokens": 6, "rounds": 1, "embedder.kind": "local"})
+    metrics = run.simulate(cfg, tmp_path / "w")
+    records = store.read_records(tmp_path / "w")
+    assert len(records) == 9 and records[0]["model"] == "local:random-tiny"
+    ratings = [f["rating"] for r in records for f in r["feedback"]]
+    assert all(1.0 <= x <= 7.0 for x in ratings)  # expected value of p(1..7)
+    assert metrics[0]["stages"]["draft"]["completion_tokens"] > 0
+    dataset.build(records, tmp_path / "ds", validation_percent=0)
+    train_cfg = load_config(CONFIGS / "tiny.py")
+    train_cfg.data.path = str(tmp_path / "ds")
+    train_cfg.train.steps = 2
+    train_cfg.eval_every = 0
+    train.run(train_cfg, tmp_path / "train")
+    assert (tmp_path / "train" / "checkpoints" / "2").is_dir()
+
+
+def test_bad_sim_settings_fail_at_start(tmp_path):
+    with pytest.raises(ValueError, match="tgt_agent_count \\(9\\) exceeds"):
+        run.simulate(sim_config(**{"world.tgt_agent_count": 9}), tmp_path / "w")
+    with pytest.raises(FileNotFoundError, match="nope.txt: questions_file not found"):
+        run.simulate(sim_config(questions_file=str(tmp_path / "nope.txt")), tmp_path / "w")
+    (tmp_path / "q.jsonl").write_text('{"question": "fine?"}\n{"q": "wrong field"}\n')
+    with pytest.raises(ValueError, match="q.jsonl line 2: expected a JSON object with a 'question' field"):
+        run.simulate(sim_config(questions_file=str(tmp_path / "q.jsonl")), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
