@@ -30,7 +30,12 @@ class Generation:
 
 
 def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
+    """Padded length for n tokens: at least `multiple`, then rounded up to a step of 1/8 of n's power of two
+    (≤ 12.5% padding; the number of distinct shapes, hence compiles, grows only logarithmically)."""
+    if n <= multiple:
+        return multiple
+    step = max(multiple, 1 << max((n - 1).bit_length() - 3, 0))
+    return -(-n // step) * step
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length_bucket: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +169,29 @@ def score_continuations(config: LlamaConfig, params, prompts: Sequence[Sequence[
         mask[i, :n + m] = 1
         continuation_mask[i, n:n + m] = 1
     return np.asarray(_continuation_logprobs(config, params, ids, mask, continuation_mask))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _last_logprobs(config: LlamaConfig, params, ids, mask):
+    hidden, _ = Llama(config).apply({"params": params}, ids, positions_from_mask(mask), mask, return_hidden=True)
+    last = jnp.take_along_axis(hidden, (jnp.sum(mask, axis=1) - 1)[:, None, None], axis=1)[:, 0]  # [B,D]
+    return jax.nn.log_softmax((last @ output_weights(config, params)).astype(jnp.float32), axis=-1)
+
+
+def next_token_logprobs(config: LlamaConfig, params, prompts: Sequence[Sequence[int]],
+                        length_bucket: int = 32) -> np.ndarray:
+    """log p(next token | prompt) over the vocabulary [N, V]: one forward pass, only the last position of each
+    prompt projected to the vocabulary (for N candidates that differ in one token, N× cheaper than scoring
+    each candidate with `score_continuations`)."""
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty")
+    width = _round_up(max(len(p) for p in prompts), length_bucket)
+    ids = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, :len(prompt)], mask[i, :len(prompt)] = prompt, 1
+    return np.asarray(_last_logprobs(config, params, ids, mask))
 
 
 def generate_text(config: LlamaConfig, params, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:

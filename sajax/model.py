@@ -26,7 +26,7 @@ import numpy as np
 from sajax.config import Llama3RopeScaling, LlamaConfig
 
 Array = jax.Array
-KVCache = dict  # {"k": [L, B, S, K, E], "v": [L, B, S, K, E]}
+KVCache = object  # unrolled layers: [{"k": [B,S,K,E], "v": …}] per layer; scanned: {"k": [L,B,S,K,E], "v": …}
 
 
 def _dtype(name: str):
@@ -235,12 +235,12 @@ class Llama(nn.Module):
                               metadata_params={nn.PARTITION_NAME: "layers"})
             x, new_cache = scanned(c, name="layers")(x, cache, positions, mask, cache_index)
         else:
-            layer_caches = []
+            new_cache = []  # one buffer per layer, updated in place (re-stacking would copy the cache every step)
             for i in range(c.num_hidden_layers):
-                layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-                x, layer_cache = layer_cls(c, name=f"layers_{i}")(x, layer_cache, positions, mask, cache_index)
-                layer_caches.append(layer_cache)
-            new_cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *layer_caches)
+                x, layer_cache = layer_cls(c, name=f"layers_{i}")(x, None if cache is None else cache[i], positions,
+                                                                  mask, cache_index)
+                new_cache.append(layer_cache)
+            new_cache = None if cache is None else new_cache
 
         x = RMSNorm(c, name="norm")(x)
         if return_hidden:
@@ -315,9 +315,14 @@ def param_shapes(config: LlamaConfig):
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> KVCache:
-    """Zeroed KV cache {"k", "v"}: [L, B, S, K, E] in the compute dtype."""
-    shape = (config.num_hidden_layers, batch_size, max_length, config.num_key_value_heads, config.head_dim)
-    return {"k": jnp.zeros(shape, _dtype(config.dtype)), "v": jnp.zeros(shape, _dtype(config.dtype))}
+    """Zeroed KV cache in the compute dtype: per layer {"k", "v"} [B, S, K, E] (scanned layers: one stacked
+    {"k", "v"} [L, B, S, K, E], scanned over with the layers)."""
+    shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    dtype = _dtype(config.dtype)
+    if config.scan_layers:
+        stacked = (config.num_hidden_layers, *shape)
+        return {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)]
 
 
 def stack_layers(params, num_layers: int):

@@ -137,26 +137,34 @@ class LocalBackend(Backend):
 
     def __init__(self, config, params, tokenizer, *, max_new_tokens: int = 48, temperature: float = 0.7,
                  top_p: float = 0.95, reason_tokens: int = 32, rating_mode: str = "expected",
-                 name: str = "local"):
+                 batch_size: int = 32, name: str = "local"):
         super().__init__()
         if rating_mode not in ("expected", "argmax"):
             raise ValueError(f"backend.rating_mode must be 'expected' or 'argmax', got {rating_mode!r}")
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.reason_tokens, self.rating_mode, self.name = reason_tokens, rating_mode, name
+        self.batch_size = batch_size  # rows per jitted call: a stage's requests run in chunks of this size
         self._rating_tokens = [tokenizer.encode(f" {n}", add_special_tokens=False) for n in range(1, 8)]
+
+    def _chunks(self, items: list) -> list[list]:
+        return [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 
     def _generate(self, prompts: list[str], seed: int, max_new_tokens: int) -> list[str]:
         from sajax import generate
 
         encoded = [self.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
         eos = list(dict.fromkeys(list(self.config.eos_token_ids) + [self.tokenizer.eos_token_id]))
-        out = generate.generate(self.config, self.params, encoded, max_new_tokens=max_new_tokens,
-                                temperature=self.temperature, top_p=self.top_p, seed=seed, eos_token_id=eos,
-                                pad_token_id=self.tokenizer.pad_token_id)
-        self._count_tokens(encoded, out.lengths)
-        return [self.tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-                for row, n in zip(out.tokens, out.lengths)]
+        texts, lengths = [], []
+        for n, chunk in enumerate(self._chunks(encoded)):
+            out = generate.generate(self.config, self.params, chunk, max_new_tokens=max_new_tokens,
+                                    temperature=self.temperature, top_p=self.top_p, seed=seed + n,
+                                    eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)
+            lengths += out.lengths.tolist()
+            texts += [self.tokenizer.decode(row[:k], skip_special_tokens=True).strip()
+                      for row, k in zip(out.tokens, out.lengths)]
+        self._count_tokens(encoded, lengths)
+        return texts
 
     def _count_tokens(self, encoded, lengths):
         self._last = (sum(len(e) for e in encoded), int(np.sum(lengths)))
@@ -167,13 +175,23 @@ class LocalBackend(Backend):
         return texts
 
     def rating_distribution(self, prompts: list[str]) -> np.ndarray:
-        """p(rating = n | prompt) for n = 1..7 [len(prompts), 7], one forward pass for all prompts × ratings."""
+        """p(rating = n | prompt) for n = 1..7 [len(prompts), 7], renormalised over the seven ratings.
+
+        When the seven rating continuations share a prefix and differ in their last token (" 1" … " 7" are
+        "▁" + digit in LLaMA tokenizers), one forward pass over prompt + prefix reads all seven at once;
+        otherwise each (prompt, rating) pair is scored with `score_continuations`."""
         from sajax import generate
 
         encoded = [self.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
-        logp = generate.score_continuations(self.config, self.params,
-                                            [e for e in encoded for _ in range(7)], self._rating_tokens * len(prompts))
-        logp = logp.reshape(len(prompts), 7)
+        prefix = self._rating_tokens[0][:-1]
+        if all(t[:-1] == prefix for t in self._rating_tokens) and len({t[-1] for t in self._rating_tokens}) == 7:
+            last = [t[-1] for t in self._rating_tokens]
+            logp = np.concatenate([generate.next_token_logprobs(self.config, self.params, [e + prefix for e in c])
+                                   [:, last] for c in self._chunks(encoded)])
+        else:
+            logp = np.concatenate([generate.score_continuations(
+                self.config, self.params, [e for e in c for _ in range(7)], self._rating_tokens * len(c))
+                .reshape(len(c), 7) for c in self._chunks(encoded)])
         probs = np.exp(logp - logp.max(axis=1, keepdims=True))
         return probs / probs.sum(axis=1, keepdims=True)
 

@@ -96,6 +96,7 @@ def make_backend(b, models: LocalModels, name: str):
         config, params, tok = models.get(b.model_dir)
         return LocalBackend(config, params, tok, max_new_tokens=b.max_new_tokens, temperature=b.temperature,
                             top_p=b.top_p, reason_tokens=b.reason_tokens, rating_mode=b.rating_mode,
+                            batch_size=b.batch_size,
                             name=f"local:{b.model_dir or 'random-tiny'}")
     if b.kind == "openai":
         if not b.model:
