@@ -187,3 +187,18 @@ def test_bad_sim_settings_fail_at_start(tmp_path):
     with pytest.raises(ValueError, match="q.jsonl line 2: expected a JSON object with a 'question' field"):
         run.simulate(sim_config(questions_file=str(tmp_path / "q.jsonl")), tmp_path / "w")
     assert not (tmp_path / "w").exists()
+
+
+def test_memories_are_seeded_from_the_prior_by_label(tmp_path):
+    prior = [{"question": f"good question {i}?", "answer": f"kind answer {i}", "label": "good"} for i in range(5)]
+    prior += [{"question": f"bad question {i}?", "answer": f"cruel answer {i}", "label": "bad"} for i in range(5)]
+    (tmp_path / "prior.jsonl").write_text("\n".join(json.dumps(p) for p in prior))
+    run.simulate(sim_config(rounds=1, prior_file=str(tmp_path / "prior.jsonl"), prior_per_agent=2), tmp_path / "w")
+    agents, _ = store.load_state(tmp_path / "w", 1)
+    for agent in agents:
+        seeded = agent.memory.answers[:2]
+        assert len(seeded) == 2 and all(a.startswith("kind" if agent.label == "good" else "cruel") for a in seeded)
+        assert len(agent.memory.questions) == 3 and agent.memory.embeddings.shape == (3, 256)
+    (tmp_path / "bad_prior.jsonl").write_text('{"question": "q", "answer": "a", "label": "neutral"}\n')
+    with pytest.raises(ValueError, match="bad_prior.jsonl line 1: label must be 'good' or 'bad'"):
+        run.simulate(sim_config(prior_file=str(tmp_path / "bad_prior.jsonl")), tmp_path / "w2")
