@@ -50,6 +50,17 @@ def right_padded_batch(vocab_size: int, lengths=(24, 17, 9, 1), seed: int = 0):
     return ids, mask
 
 
+def with_overrides(cfg, **overrides):
+    """A ConfigDict with dotted-key overrides applied, as `--config.a.b=value` does on the command line."""
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def gqa_reference():
     """GQA (4 heads, 2 kv heads), untied, default RoPE: shared by the HF, generation and sharding tests."""

@@ -1,6 +1,5 @@
 """Whole simulations: record counts, determinism, crash safety, the dataset builder and the trainer reading it."""
 
-import hashlib
 import json
 import os
 import signal
@@ -12,9 +11,9 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from conftest import with_overrides
 from sajax import alignment_data, train
 from sajax.config_files import load_config
 from sim import dataset, run, store
@@ -25,14 +24,7 @@ ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
 def sim_config(**overrides):
-    cfg = load_config(CONFIGS / "sim_tiny.py")
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return cfg
+    return with_overrides(load_config(CONFIGS / "sim_tiny.py"), **overrides)
 
 
 def _tree_bytes(directory: Path, pattern: str) -> dict:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +10,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from sajax import alignment_data, demo_data, export, hf, input_pipeline, model, reference, sharding, tokenizer
+from conftest import with_overrides
+from sajax import alignment_data, demo_data, export, hf, input_pipeline, model, sharding, tokenizer
 from sajax import train, train_step as ts
 from sajax.config import LlamaConfig
 from sajax.config_files import load_module
@@ -27,14 +26,7 @@ ENV_ONE_DEVICE = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
 def tiny_config(**overrides):
-    cfg = tiny.get_config()
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return cfg
+    return with_overrides(tiny.get_config(), **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +249,8 @@ def test_llama3_8b_config_train_step_shapes():
     state = ts.TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=params,
                           opt_state=jax.eval_shape(tx.init, params))
     b, k, t = cfg.train.batch_size, cfg.data.num_comp, cfg.data.max_len
-    batch = {"tokens": jax.ShapeDtypeStruct((b, k, t), np.int32), "loss_mask": jax.ShapeDtypeStruct((b, k, t), np.int32),
+    batch = {"tokens": jax.ShapeDtypeStruct((b, k, t), np.int32),
+             "loss_mask": jax.ShapeDtypeStruct((b, k, t), np.int32),
              "attention_mask": jax.ShapeDtypeStruct((b, k, t), np.int32),
              "scores": jax.ShapeDtypeStruct((b, k), np.float32), "valid": jax.ShapeDtypeStruct((b, k), bool),
              "reference_logp": jax.ShapeDtypeStruct((b, k), np.float32)}
