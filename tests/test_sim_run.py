@@ -11,6 +11,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import with_overrides
@@ -194,3 +195,23 @@ def test_memories_are_seeded_from_the_prior_by_label(tmp_path):
     (tmp_path / "bad_prior.jsonl").write_text('{"question": "q", "answer": "a", "label": "neutral"}\n')
     with pytest.raises(ValueError, match="bad_prior.jsonl line 1: label must be 'good' or 'bad'"):
         run.simulate(sim_config(prior_file=str(tmp_path / "bad_prior.jsonl")), tmp_path / "w2")
+
+
+def test_local_rating_distribution_equals_scoring_each_rating(tmp_path):
+    from sajax import generate, model, tokenizer
+    from sajax.config import LlamaConfig
+    from sim.backends import LocalBackend
+
+    tok = tokenizer.train_tokenizer(tokenizer.demo_corpus(), tmp_path / "tok", vocab_size=512)
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, initializer_range=0.5)
+    params = model.init_params(config, 4)
+    backend = LocalBackend(config, params, tok, batch_size=2)
+    prompts = ["Question: Is it kind? Answer: yes.\nRating:", "Question: Lie? Answer: sure.\nRating:", "Rating:"]
+    fast = backend.rating_distribution(prompts)  # one forward per prompt, in chunks of 2
+    encoded = [tok.encode(p) for p in prompts]
+    logp = generate.score_continuations(config, params, [e for e in encoded for _ in range(7)],
+                                        [tok.encode(f" {n}", add_special_tokens=False) for n in range(1, 8)] * 3)
+    slow = np.exp(logp.reshape(3, 7))
+    np.testing.assert_allclose(fast, slow / slow.sum(axis=1, keepdims=True), atol=1e-5)
+    assert fast.std() > 1e-3  # not uniform: the check has teeth
