@@ -88,7 +88,8 @@ def _considerate_share(text: str) -> float | None:
 
 
 class ScriptedBackend(Backend):
-    """Rule-based agents: 'good' agents answer with considerate actions, 'bad' ones with harmful actions; a
+    """Rule-based agents: an agent repeats its remembered answer to a similar question (when the draft prompt
+    holds one); otherwise 'good' agents answer with considerate actions, 'bad' ones with harmful actions; a
     rating is 1 + 6 × the share of considerate words (missing if the answer uses none of the listed words);
     engagement grows with the answer's length; a revision swaps harmful actions for considerate ones when the
     average rating was below 4. Deterministic: the same requests and seed give the same outputs."""
@@ -100,6 +101,9 @@ class ScriptedBackend(Backend):
         return [self._revise(r) if r.answer is not None else self._draft(r, seed) for r in requests]
 
     def _draft(self, request: Request, seed: int) -> str:
+        remembered = re.search(r"Your answer: (.+?)\nStay consistent", request.prompt, re.S)
+        if remembered:  # self-consistency: repeat what it answered to a similar question before
+            return remembered.group(1).strip()
         words = CONSIDERATE if request.label == "good" else HARMFUL
         first, second = _pick(words, seed, request.question, 1), _pick(words, seed, request.question, 2)
         return f"I would {first} and {second}, because that is what the situation calls for."

@@ -20,6 +20,7 @@ def plot(metrics: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rounds = [m["round"] for m in metrics]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -30,7 +31,8 @@ def plot(metrics: list[dict], path: Path) -> None:
                 label=key.replace("_", " "))
     ax.set_xlabel("round")
     ax.set_ylabel("mean observer rating (1–7)")
-    ax.set_ylim(1, 7)
+    ax.set_ylim(0.8, 7.2)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
