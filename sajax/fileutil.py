@@ -1,4 +1,4 @@
-"""Write-then-rename for directories: a reader sees the old complete directory or the new complete one."""
+"""Write-then-rename for files and directories: a reader sees the old complete one or the new complete one."""
 
 from __future__ import annotations
 
@@ -35,3 +35,22 @@ def replace_directory(path: str | os.PathLike):
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def replace_file(path: str | os.PathLike):
+    """Yields a temporary path beside `path` (same suffix, so writers that go by the extension still work); when
+    the block ends without an exception it replaces `path`, otherwise it is removed and `path` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` all at once: a reader sees the old content or the new, never a part."""
+    with replace_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sajax import fileutil
 from sajax.config import LlamaConfig
 
 # Dense bf16 peak FLOP/s per device, by jax `device_kind` prefix.
@@ -73,9 +74,7 @@ class MetricsWriter:
         path = Path(workdir) / "metrics.jsonl"
         if path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= start_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            tmp.replace(path)
+            fileutil.write_text(path, "".join(line + "\n" for line in kept))
         self._jsonl = open(path, "a", encoding="utf-8")
         self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"),
                                           purge_step=start_step + 1 if start_step else None)

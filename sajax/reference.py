@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from sajax import input_pipeline, sharding
+from sajax import fileutil, input_pipeline, sharding
 from sajax.input_pipeline import ReferenceLogps
 from sajax.train_step import response_nll
 
@@ -65,8 +64,7 @@ def load_or_compute(path: Path, initial_params_fn, config, encoder, sources, mes
             for source in sources]
     del params
     if jax.process_index() == 0:
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **{f"offsets_{i}": r.offsets for i, r in enumerate(refs)},
-                 **{f"values_{i}": r.values for i, r in enumerate(refs)})
-        os.replace(tmp, path)
+        with fileutil.replace_file(path) as tmp:
+            np.savez(tmp, **{f"offsets_{i}": r.offsets for i, r in enumerate(refs)},
+                     **{f"values_{i}": r.values for i, r in enumerate(refs)})
     return refs

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sajax import alignment_data, checkpoint, demo_data, hf, input_pipeline, model, sharding, tokenizer
+from sajax import alignment_data, checkpoint, demo_data, fileutil, hf, input_pipeline, model, sharding, tokenizer
 from sajax import metrics as metrics_lib
 from sajax import reference as reference_lib
 from sajax import train_step as ts
@@ -74,12 +74,6 @@ def _check_same_run(saved: dict, current: dict, path: Path) -> None:
                             "--workdir, or the same config to resume")
 
 
-def _write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def prepare_workdir(cfg, workdir: Path) -> None:
     """Creates the workdir with config.json, or checks that an existing one was made with this config."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +82,7 @@ def prepare_workdir(cfg, workdir: Path) -> None:
     if config_file.exists():
         _check_same_run(json.loads(config_file.read_text()), current, config_file)
     if jax.process_index() == 0:
-        _write_json_atomic(config_file, current)
+        fileutil.write_text(config_file, json.dumps(current, indent=2) + "\n")
 
 
 def load_tokenizer(cfg, workdir: Path, vocab_size: int):
@@ -278,5 +272,5 @@ def _loop(cfg, state, iterator, train_step, evaluate, ckpt, writer, start, confi
     if final:
         writer.write(steps, final, prefix="eval")
     if jax.process_index() == 0 and final:
-        _write_json_atomic(workdir / "eval.json", {"step": steps, **final})
+        fileutil.write_text(workdir / "eval.json", json.dumps({"step": steps, **final}, indent=2) + "\n")
     return final

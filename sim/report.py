@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from sajax import fileutil
 
 
 def write(workdir: Path, metrics: list[dict]) -> None:
-    tmp = workdir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, workdir / "metrics.json")
+    fileutil.write_text(workdir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if metrics:
         plot(metrics, workdir / "metrics.png")
 
@@ -36,7 +35,6 @@ def plot(metrics: list[dict], path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    with fileutil.replace_file(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sajax import fileutil
 from sim.engine import Agent
 from sim.memory import Memory
 
@@ -56,7 +57,7 @@ def prepare(workdir: Path, config_json: dict, *, resume: bool, overwrite: bool) 
         if changed:
             raise WorkdirError(f"{config_file}: the run was made with another configuration (changed: "
                                f"{', '.join(changed)}); use a new --workdir or --overwrite")
-    _write_atomic(config_file, json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    fileutil.write_text(config_file, json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     for leftover in rounds_dir(workdir).glob(".tmp-*") if rounds_dir(workdir).exists() else []:
         shutil.rmtree(leftover)  # a round that was being written when the process died
     done = committed_rounds(workdir)
@@ -108,9 +109,3 @@ def read_records(workdir: Path) -> list[dict]:
 def read_metrics(workdir: Path) -> list[dict]:
     return [json.loads((rounds_dir(workdir) / f"{n:06d}" / "metrics.json").read_text())
             for n in committed_rounds(workdir)]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
