@@ -55,6 +55,26 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length_bucket: int
     return ids, mask
 
 
+def right_pad(sequences: Sequence[Sequence[int]], length_bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists → (ids [B,T], mask [B,T]) aligned to the left, zero-padded; T = longest rounded up with
+    `_round_up`. Every sequence needs at least one token."""
+    for i, seq in enumerate(sequences):
+        if len(seq) == 0:
+            raise ValueError(f"sequence {i} is empty")
+    width = _round_up(max(len(s) for s in sequences), length_bucket)
+    ids = np.zeros((len(sequences), width), np.int32)
+    mask = np.zeros_like(ids)
+    for i, seq in enumerate(sequences):
+        ids[i, :len(seq)], mask[i, :len(seq)] = seq, 1
+    return ids, mask
+
+
+def stop_token_ids(config: LlamaConfig, tokenizer) -> list[int]:
+    """Every end-of-sequence id of the model (config and generation_config.json) and of the tokenizer."""
+    eos = list(config.eos_token_ids) + ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
+    return list(dict.fromkeys(eos))
+
+
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """Next tokens [B] from logits [B,V].
 
@@ -159,15 +179,10 @@ def score_continuations(config: LlamaConfig, params, prompts: Sequence[Sequence[
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
         if not prompt or not continuation:
             raise ValueError(f"pair {i}: prompt and continuation need at least one token each")
-    width = _round_up(max(len(p) + len(c) for p, c in zip(prompts, continuations)), length_bucket)
-    ids = np.zeros((len(prompts), width), np.int32)
-    mask = np.zeros_like(ids)
+    ids, mask = right_pad([list(p) + list(c) for p, c in zip(prompts, continuations)], length_bucket)
     continuation_mask = np.zeros(ids.shape, np.float32)
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
-        n, m = len(prompt), len(continuation)
-        ids[i, :n + m] = list(prompt) + list(continuation)
-        mask[i, :n + m] = 1
-        continuation_mask[i, n:n + m] = 1
+        continuation_mask[i, len(prompt):len(prompt) + len(continuation)] = 1
     return np.asarray(_continuation_logprobs(config, params, ids, mask, continuation_mask))
 
 
@@ -183,14 +198,7 @@ def next_token_logprobs(config: LlamaConfig, params, prompts: Sequence[Sequence[
     """log p(next token | prompt) over the vocabulary [N, V]: one forward pass, only the last position of each
     prompt projected to the vocabulary (for N candidates that differ in one token, N× cheaper than scoring
     each candidate with `score_continuations`)."""
-    for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise ValueError(f"prompt {i} is empty")
-    width = _round_up(max(len(p) for p in prompts), length_bucket)
-    ids = np.zeros((len(prompts), width), np.int32)
-    mask = np.zeros_like(ids)
-    for i, prompt in enumerate(prompts):
-        ids[i, :len(prompt)], mask[i, :len(prompt)] = prompt, 1
+    ids, mask = right_pad(prompts, length_bucket)
     return np.asarray(_last_logprobs(config, params, ids, mask))
 
 
@@ -198,8 +206,7 @@ def generate_text(config: LlamaConfig, params, tokenizer, prompts: Sequence[str]
     """Text in, text out: encodes with the tokenizer's special tokens (BOS), decodes without them; stops at any
     end-of-sequence id of the config (and generation_config.json) or of the tokenizer."""
     encoded = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
-    eos = list(config.eos_token_ids) + ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
-    kwargs.setdefault("eos_token_id", list(dict.fromkeys(eos)))  # stop at any of the model's and tokenizer's
+    kwargs.setdefault("eos_token_id", stop_token_ids(config, tokenizer))
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     out = generate(config, params, encoded, **kwargs)
     return [tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(out.tokens, out.lengths)]

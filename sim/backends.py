@@ -154,11 +154,12 @@ class LocalBackend(Backend):
     def _chunks(self, items: list) -> list[list]:
         return [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 
-    def _generate(self, prompts: list[str], seed: int, max_new_tokens: int) -> list[str]:
+    def _generate(self, prompts: list[str], seed: int, max_new_tokens: int) -> tuple[list[str], int, int]:
+        """(texts, prompt tokens, generated tokens)."""
         from sajax import generate
 
         encoded = [self.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
-        eos = list(dict.fromkeys(list(self.config.eos_token_ids) + [self.tokenizer.eos_token_id]))
+        eos = generate.stop_token_ids(self.config, self.tokenizer)
         texts, lengths = [], []
         for n, chunk in enumerate(self._chunks(encoded)):
             out = generate.generate(self.config, self.params, chunk, max_new_tokens=max_new_tokens,
@@ -167,15 +168,12 @@ class LocalBackend(Backend):
             lengths += out.lengths.tolist()
             texts += [self.tokenizer.decode(row[:k], skip_special_tokens=True).strip()
                       for row, k in zip(out.tokens, out.lengths)]
-        self._count_tokens(encoded, lengths)
-        return texts
-
-    def _count_tokens(self, encoded, lengths):
-        self._last = (sum(len(e) for e in encoded), int(np.sum(lengths)))
+        return texts, sum(len(e) for e in encoded), int(np.sum(lengths))
 
     def generate(self, requests: Sequence[Request], seed: int) -> list[str | None]:
-        texts = self._generate([r.prompt for r in requests], seed, self.max_new_tokens)
-        self._count(requests[0].stage if requests else "", len(requests), *self._last)
+        texts, prompt_tokens, completion_tokens = self._generate([r.prompt for r in requests], seed,
+                                                                 self.max_new_tokens)
+        self._count(requests[0].stage if requests else "", len(requests), prompt_tokens, completion_tokens)
         return texts
 
     def rating_distribution(self, prompts: list[str]) -> np.ndarray:
@@ -208,7 +206,6 @@ class LocalBackend(Backend):
         else:
             values = np.argmax(probs, axis=1) + 1.0
         reason_prompts = [f"{r.prompt} {round(v)} ### Reason:" for r, v in zip(requests, values)]
-        reasons = self._generate(reason_prompts, seed, self.reason_tokens)
-        prompt_tokens, completion_tokens = self._last
+        reasons, prompt_tokens, completion_tokens = self._generate(reason_prompts, seed, self.reason_tokens)
         self._count(requests[0].stage, len(requests), prompt_tokens, completion_tokens)
         return [Rating(float(v), reason or None) for v, reason in zip(values, reasons)]

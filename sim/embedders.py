@@ -46,12 +46,10 @@ class LocalModelEmbedder:
         self.max_len, self.length_bucket = max_len, length_bucket
 
     def embed(self, texts: list[str]) -> np.ndarray:
+        from sajax.generate import right_pad
+
         encoded = [self.tokenizer.encode(t, add_special_tokens=True)[: self.max_len] or [0] for t in texts]
-        width = -(-max(len(e) for e in encoded) // self.length_bucket) * self.length_bucket
-        ids = np.zeros((len(texts), width), np.int32)
-        mask = np.zeros_like(ids)
-        for i, e in enumerate(encoded):
-            ids[i, : len(e)], mask[i, : len(e)] = e, 1
+        ids, mask = right_pad(encoded, self.length_bucket)
         return normalize(np.asarray(_mean_hidden(self.config, self.params, ids, mask)))
 
 
