@@ -43,19 +43,15 @@ def initialize_distributed() -> None:
 
 
 def load_model_and_tokenizer(cfg, hf_dir: str | None, workdir: str):
-    """(config, params, tokenizer) from a HF directory, or random params of `cfg.model` size + a tokenizer."""
+    """(config, params, tokenizer) from a HF directory, or random params of `cfg.model` size with
+    `cfg.tokenizer` or the demo tokenizer (kept in `workdir`)."""
     if hf_dir:
         runtime = {k: cfg.model[k] for k in ("dtype", "remat_policy", "scan_layers")}
         config, params = hf.load_pretrained(hf_dir, param_dtype=cfg.model.param_dtype, **runtime)
-        tok = tokenizer.load_tokenizer(hf_dir)
     else:
         config = LlamaConfig.from_dict(cfg.model)
-        if cfg.tokenizer:
-            tok = tokenizer.load_tokenizer(cfg.tokenizer)
-        else:
-            tok = tokenizer.train_tokenizer(tokenizer.demo_corpus(), os.path.join(workdir, "tokenizer"),
-                                            vocab_size=config.vocab_size)
         params = model.init_params(config, cfg.seed)
+    tok = tokenizer.load_or_train_demo(hf_dir or cfg.tokenizer, Path(workdir) / "tokenizer", config.vocab_size)
     if len(tok) > config.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens but model.vocab_size is {config.vocab_size}")
     return config, params, tok

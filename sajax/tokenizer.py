@@ -61,6 +61,17 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     return load_tokenizer(out_dir)
 
 
+def load_or_train_demo(directory: str | os.PathLike | None, demo_dir: str | os.PathLike,
+                       vocab_size: int) -> transformers.PreTrainedTokenizerBase:
+    """The tokenizer in `directory` if one is given; else the offline demo tokenizer kept in `demo_dir`, trained
+    there the first time (so a resumed run reuses it)."""
+    if directory:
+        return load_tokenizer(directory)
+    if not Path(demo_dir).exists():
+        train_tokenizer(demo_corpus(), demo_dir, vocab_size=vocab_size)
+    return load_tokenizer(demo_dir)
+
+
 def _train_sentencepiece(lines: list[str], directory: Path, vocab_size: int) -> None:
     try:
         spm.SentencePieceTrainer.train(

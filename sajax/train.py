@@ -85,17 +85,6 @@ def prepare_workdir(cfg, workdir: Path) -> None:
         fileutil.write_text(config_file, json.dumps(current, indent=2) + "\n")
 
 
-def load_tokenizer(cfg, workdir: Path, vocab_size: int):
-    if cfg.tokenizer:
-        return tokenizer.load_tokenizer(cfg.tokenizer)
-    if cfg.init_from:
-        return tokenizer.load_tokenizer(cfg.init_from)
-    path = workdir / "tokenizer"
-    if not path.exists():
-        tokenizer.train_tokenizer(tokenizer.demo_corpus(), path, vocab_size=vocab_size)
-    return tokenizer.load_tokenizer(path)
-
-
 def data_sources(cfg, workdir: Path):
     """(train, validation or None) GroupSources, validated; '' = the synthetic demo dataset in the workdir."""
     path = cfg.data.path
@@ -146,7 +135,7 @@ def run(cfg, workdir: str | os.PathLike) -> dict:
     workdir = Path(workdir).absolute()
     config = model_config(cfg)
     prepare_workdir(cfg, workdir)
-    tok = load_tokenizer(cfg, workdir, config.vocab_size)
+    tok = tokenizer.load_or_train_demo(cfg.tokenizer or cfg.init_from, workdir / "tokenizer", config.vocab_size)
     if len(tok) > config.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens but model.vocab_size is {config.vocab_size}")
     train_source, validation_source = data_sources(cfg, workdir)

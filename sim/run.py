@@ -69,21 +69,12 @@ class LocalModels:
 
     def get(self, model_dir: str):
         if model_dir not in self._cache:
-            from sajax import cli, hf, model, tokenizer
-            from sajax.config import LlamaConfig
+            from sajax import cli
             from sajax.config_files import load_config
 
-            if model_dir:
-                config, params = hf.load_pretrained(model_dir)
-                tok = tokenizer.load_tokenizer(model_dir)
-            else:
-                config = LlamaConfig.from_dict(load_config(cli.DEFAULT_CONFIG).model)
-                path = self.workdir / "tokenizer"
-                if not path.exists():
-                    tokenizer.train_tokenizer(tokenizer.demo_corpus(), path, vocab_size=config.vocab_size)
-                tok = tokenizer.load_tokenizer(path)
-                params = model.init_params(config, self.seed)
-            self._cache[model_dir] = (config, params, tok)
+            tiny = load_config(cli.DEFAULT_CONFIG)  # the random model's size, when there is no model_dir
+            tiny.seed = self.seed
+            self._cache[model_dir] = cli.load_model_and_tokenizer(tiny, model_dir, str(self.workdir))
         return self._cache[model_dir]
 
 
