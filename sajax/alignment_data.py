@@ -172,7 +172,7 @@ class GroupSource:
             self._records = builder.as_data_source(split)
             self._decode = _decode_tfds
         elif self.path.is_file() and self.path.suffix in (".json", ".jsonl"):
-            self._records = _read_json_groups(self.path)
+            self._records = read_json_records(self.path)
             self._decode = dict
         elif not self.path.exists():
             raise FileNotFoundError(f"{self.path}: dataset not found")
@@ -204,7 +204,8 @@ def _decode_tfds(record) -> dict:
             "scores": np.asarray(record["scores"], np.float32)}
 
 
-def _read_json_groups(path: Path) -> list[dict]:
+def read_json_records(path: Path, fields: str = "{query, responses, scores}") -> list[dict]:
+    """The objects of a JSON list or a JSONL file (one object per line); DataError naming the file or record."""
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix == ".jsonl":
@@ -214,7 +215,7 @@ def _read_json_groups(path: Path) -> list[dict]:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of {{query, responses, scores}} records")
+        raise DataError(f"{path}: expected a JSON list of {fields} records")
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise DataError(f"{path} record {i}: expected an object, got {type(record).__name__}")

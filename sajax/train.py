@@ -66,10 +66,11 @@ def _config_dict(cfg) -> dict:
 
 
 def _check_same_run(saved: dict, current: dict, path: Path) -> None:
-    changed = [key for key in sorted(set(_flatten(saved)) | set(_flatten(current)))
-               if not key.startswith(RESUMABLE_CHANGES) and _flatten(saved).get(key) != _flatten(current).get(key)]
+    saved, current = _flatten(saved), _flatten(current)
+    changed = [key for key in sorted(set(saved) | set(current))
+               if not key.startswith(RESUMABLE_CHANGES) and saved.get(key) != current.get(key)]
     if changed:
-        details = ", ".join(f"{k}: {_flatten(saved).get(k)!r} → {_flatten(current).get(k)!r}" for k in changed[:5])
+        details = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in changed[:5])
         raise TrainingError(f"{path} was written by a run with another configuration ({details}); use a new "
                             "--workdir, or the same config to resume")
 

@@ -15,7 +15,6 @@ of the query, so no query is in both.
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 from typing import Iterable
@@ -96,12 +95,7 @@ def convert_original(path: str | Path) -> list[dict]:
     ...}) in our record format. `feedback` may be a list of {rating, reason} objects or of reason strings with a
     parallel `rating` list."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-            else json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    rows = alignment_data.read_json_records(path, "{question, draft_answer, feedback, ...}")
     records = []
     for n, row in enumerate(rows):
         where = f"{path} record {n}"
