@@ -62,12 +62,12 @@ def response_token_nll(hidden: Array, output_weights: Array, tokens: Array, loss
     return ResponseNLL(total, jnp.sum(weights, axis=-1))
 
 
-def _best_index(scores: Array, valid: Array) -> Array:
+def best_index(scores: Array, valid: Array) -> Array:
     """First index of the highest score among valid responses [B]."""
     return jnp.argmax(jnp.where(valid, scores, -jnp.inf), axis=-1)
 
 
-def _ranking_metrics(nll: Array, scores: Array, valid: Array) -> dict[str, Array]:
+def ranking_metrics(nll: Array, scores: Array, valid: Array) -> dict[str, Array]:
     """Pairwise ranking accuracy: over pairs (i, j) of valid responses with r_i > r_j, the fraction with
     nll_i < nll_j (the model prefers the better-rated response). Also the number of such pairs."""
     pair = valid[:, :, None] & valid[:, None, :] & (scores[:, :, None] > scores[:, None, :])  # [B,K,K]
@@ -87,7 +87,7 @@ def stable_alignment_loss(nll: Array, scores: Array, valid: Array, *, rating_sca
 
     loss = mean of L_g over groups with ≥ 1 valid response. aux: `sft` (mean ℓ_b), `penalty` (mean),
     `violated_margin_fraction` (fraction of pairs (b, k) with d_k > 0), `ranking_accuracy`."""
-    best = _best_index(scores, valid)
+    best = best_index(scores, valid)
     group = jnp.any(valid, axis=-1)  # [B]
     best_nll = jnp.take_along_axis(nll, best[:, None], axis=-1)[:, 0]
     best_score = jnp.take_along_axis(scores, best[:, None], axis=-1)
@@ -105,18 +105,18 @@ def stable_alignment_loss(nll: Array, scores: Array, valid: Array, *, rating_sca
         "sft": jnp.sum(jnp.where(group, best_nll, 0.0)) / groups,
         "penalty": jnp.sum(jnp.where(group, penalty, 0.0)) / groups,
         "violated_margin_fraction": jnp.sum(others & (gap > 0)) / jnp.maximum(jnp.sum(others), 1),
-        **_ranking_metrics(nll, scores, valid),
+        **ranking_metrics(nll, scores, valid),
     }
     return jnp.sum(jnp.where(group, per_group, 0.0)) / groups, aux
 
 
 def sft_loss(nll: Array, scores: Array, valid: Array) -> tuple[Array, dict[str, Array]]:
     """Supervised fine-tuning on the best-rated response only: loss = mean over groups of ℓ_b."""
-    best = _best_index(scores, valid)
+    best = best_index(scores, valid)
     group = jnp.any(valid, axis=-1)
     best_nll = jnp.take_along_axis(nll, best[:, None], axis=-1)[:, 0]
     loss = jnp.sum(jnp.where(group, best_nll, 0.0)) / jnp.maximum(jnp.sum(group), 1)
-    return loss, {"sft": loss, **_ranking_metrics(nll, scores, valid)}
+    return loss, {"sft": loss, **ranking_metrics(nll, scores, valid)}
 
 
 def rrhf_loss(nll: Array, scores: Array, valid: Array) -> tuple[Array, dict[str, Array]]:
@@ -142,7 +142,7 @@ def dpo_loss(logp: Array, reference_logp: Array, scores: Array, valid: Array, *,
         L_{g,k} = −log σ(β · ((logp_b − ref_b) − (logp_k − ref_k)))
 
     loss = mean over all such pairs; groups without a lower-rated response contribute nothing."""
-    best = _best_index(scores, valid)
+    best = best_index(scores, valid)
     take = lambda x: jnp.take_along_axis(x, best[:, None], axis=-1)  # noqa: E731  [B,1]
     pair = valid & (scores < take(scores))
     logits = beta * ((take(logp) - take(reference_logp)) - (logp - reference_logp))

@@ -23,23 +23,31 @@ def compute(params, config, encoder: input_pipeline.GroupEncoder, source, mesh, 
             chunk_size: int) -> ReferenceLogps:
     """Summed log p(response | prompt) of every response (same tokenization and truncation as training)."""
     single = dataclasses.replace(encoder, num_comp=1)
-    counts = [len(source[i]["responses"]) for i in range(len(source))]
-    pairs = [(record, k) for record, n in enumerate(counts) for k in range(n)]
     score = jax.jit(functools.partial(_logp, config=config, chunk_size=chunk_size),
                     in_shardings=(sharding.param_shardings(config, mesh),
                                   {k: sharding.batch_sharding(mesh, 3) for k in ("tokens", "attention_mask",
                                                                                   "loss_mask")}))
-    values = np.zeros(len(pairs), np.float32)
-    for start in tqdm(range(0, len(pairs), batch_size), desc="reference log-probs",
-                      disable=jax.process_index() != 0):
-        chunk = pairs[start:start + batch_size]
-        rows = [single.encode(source[r], [k]) for r, k in chunk] + [single.empty()] * (batch_size - len(chunk))
+    counts, values, pending = [], [], []
+
+    def flush():
+        rows = pending + [single.empty()] * (batch_size - len(pending))
         batch = {key: np.stack([row[key] for row in rows]) for key in ("tokens", "attention_mask", "loss_mask")}
         # every process computes the same rows (replicated input): reference scoring is a one-off
         logp = jax.device_get(score(params, {k: jax.device_put(v, sharding.batch_sharding(mesh, 3))
                                              for k, v in batch.items()}))
-        values[start:start + len(chunk)] = logp[:len(chunk)]
-    return ReferenceLogps(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), values)
+        values.extend(logp[:len(pending)].tolist())
+        pending.clear()
+
+    for record in tqdm(range(len(source)), desc="reference log-probs", disable=jax.process_index() != 0):
+        group = source[record]  # decoded once, all its responses scored
+        counts.append(len(group["responses"]))
+        for k in range(counts[-1]):
+            pending.append(single.encode(group, [k]))
+            if len(pending) == batch_size:
+                flush()
+    if pending:
+        flush()
+    return ReferenceLogps(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), np.asarray(values, np.float32))
 
 
 def _logp(params, batch, *, config, chunk_size):

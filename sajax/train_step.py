@@ -115,8 +115,8 @@ def eval_step(params, batch: dict, *, config: LlamaConfig, chunk_size: int) -> d
     """Sums over a batch: correctly ranked pairs, ranked pairs, best-response NLL and groups."""
     nll = response_nll(config, params, batch, chunk_size).mean
     scores, valid = batch["scores"], batch["valid"]
-    ranking = losses._ranking_metrics(nll, scores, valid)
-    best = jnp.argmax(jnp.where(valid, scores, -jnp.inf), axis=-1)
+    ranking = losses.ranking_metrics(nll, scores, valid)
+    best = losses.best_index(scores, valid)
     group = jnp.any(valid, axis=-1)
     best_nll = jnp.take_along_axis(nll, best[:, None], axis=-1)[:, 0]
     return {"correct_pairs": ranking["ranking_accuracy"] * ranking["ranked_pairs"],
