@@ -5,6 +5,10 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import json  # noqa: E402
+import threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -48,6 +52,32 @@ def right_padded_batch(vocab_size: int, lengths=(24, 17, 9, 1), seed: int = 0):
         mask[i, :n] = 1
         ids[i, n:] = 0
     return ids, mask
+
+
+class JsonServer:
+    """An HTTP server on 127.0.0.1 (a free port) for POSTed JSON: `respond(path, body, headers)` returns
+    (status, payload bytes). `url` ends in /v1 like an OpenAI-compatible server's."""
+
+    def __init__(self, respond):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, payload = respond(self.path, body, self.headers)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def with_overrides(cfg, **overrides):

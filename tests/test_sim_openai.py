@@ -3,64 +3,43 @@
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
+from conftest import JsonServer
 from sim.backends import Request, parse_rating
 from sim.embedders import OpenAIEmbedder
 from sim.openai_backend import BackendError, HTTPClient, OpenAIBackend
 
 
-class FakeServer:
+class FakeServer(JsonServer):
     """Answers each POST with the next scripted behaviour, then with a valid completion."""
 
     def __init__(self, script):
         self.script, self.seen, self.lock = list(script), [], threading.Lock()
-        server = self
+        super().__init__(self.respond)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.seen.append((self.path, body, self.headers.get("Authorization")))
-                    action = server.script.pop(0) if server.script else "ok"
-                if action == "sleep":
-                    time.sleep(0.5)
-                    action = "ok"
-                if isinstance(action, int):
-                    self.send_response(action)
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "scripted"}')
-                    return
-                if action == "garbage":
-                    payload = b"<html>not json"
-                elif action == "no_choices":
-                    payload = json.dumps({"choices": []}).encode()
-                elif self.path.endswith("/embeddings"):
-                    payload = json.dumps({"data": [{"index": i, "embedding": [float(len(t)), 1.0]}
-                                                   for i, t in enumerate(body["input"])]}).encode()
-                else:
-                    content = body["messages"][0]["content"]
-                    reply = "Rating: 5 ### Reason: kind and honest." if content.endswith("Rating:") else "An answer."
-                    payload = json.dumps({"choices": [{"message": {"content": reply}}],
-                                          "usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, path, body, headers):
+        with self.lock:
+            self.seen.append((path, body, headers.get("Authorization")))
+            action = self.script.pop(0) if self.script else "ok"
+        if action == "sleep":
+            time.sleep(0.5)
+            action = "ok"
+        if isinstance(action, int):
+            return action, b'{"error": "scripted"}'
+        if action == "garbage":
+            return 200, b"<html>not json"
+        if action == "no_choices":
+            return 200, json.dumps({"choices": []}).encode()
+        if path.endswith("/embeddings"):
+            return 200, json.dumps({"data": [{"index": i, "embedding": [float(len(t)), 1.0]}
+                                             for i, t in enumerate(body["input"])]}).encode()
+        content = body["messages"][0]["content"]
+        reply = "Rating: 5 ### Reason: kind and honest." if content.endswith("Rating:") else "An answer."
+        return 200, json.dumps({"choices": [{"message": {"content": reply}}],
+                                "usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode()
 
 
 @pytest.fixture

@@ -5,16 +5,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import with_overrides
+from conftest import JsonServer, with_overrides
 from sajax import alignment_data, train
 from sajax.config_files import load_config
 from sim import dataset, run, store
@@ -99,34 +97,18 @@ def test_converter_reads_the_original_record_format(tmp_path):
         dataset.convert_original(tmp_path / "bad.json")
 
 
-class SlowOpenAI:
-    """A deterministic OpenAI-compatible server that takes 20 ms per request (so a kill lands mid-round)."""
-
-    def __init__(self):
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                time.sleep(0.02)
-                prompt = body["messages"][0]["content"]
-                h = zlib.crc32(prompt.encode())
-                reply = (f"Rating: {1 + h % 7} ### Reason: reason {h % 97}." if prompt.endswith("Rating:")
-                         else f"I would help ({h % 1000}).")
-                payload = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+def slow_deterministic_completion(path, body, headers):
+    """An OpenAI-compatible answer that depends only on the prompt and takes 20 ms (so a kill lands mid-round)."""
+    time.sleep(0.02)
+    prompt = body["messages"][0]["content"]
+    h = zlib.crc32(prompt.encode())
+    reply = (f"Rating: {1 + h % 7} ### Reason: reason {h % 97}." if prompt.endswith("Rating:")
+             else f"I would help ({h % 1000}).")
+    return 200, json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
 
 
 def test_sigkill_mid_round_then_resume_gives_identical_records(tmp_path):
-    server = SlowOpenAI()
+    server = JsonServer(slow_deterministic_completion)
     flags = ["--config.rounds=6", f"--config.backend.base_url={server.url}", "--config.backend.kind=openai",
              "--config.backend.model=fake", "--config.backend.concurrency=4"]
     command = lambda wd, *extra: [os.path.join(BIN, "sajax-sim"), f"--workdir={wd}", *flags, *extra]  # noqa
@@ -149,7 +131,7 @@ def test_sigkill_mid_round_then_resume_gives_identical_records(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert _tree_bytes(tmp_path / "killed", "records.jsonl") == _tree_bytes(tmp_path / "straight", "records.jsonl")
     assert len(store.read_records(tmp_path / "killed")) == 6 * 9
-    server.httpd.shutdown()
+    server.close()
 
 
 def test_local_backend_world_feeds_the_trainer(tmp_path):
