@@ -198,6 +198,12 @@ class GroupSource:
             validate_group(self[i], self.where(i), rating_range)
 
 
+def has_split(path: str | os.PathLike, split: str) -> bool:
+    """Whether `path` is a TFDS dataset directory holding `split` (a JSON file holds no named splits)."""
+    info = Path(path) / "dataset_info.json"
+    return info.is_file() and any(s.get("name") == split for s in json.loads(info.read_text()).get("splits", []))
+
+
 def _decode_tfds(record) -> dict:
     return {"query": record["query"].decode("utf-8"),
             "responses": [r.decode("utf-8") for r in record["responses"]],

@@ -97,16 +97,10 @@ def data_sources(cfg, workdir: Path):
     rating_range = (1.0, float(cfg.train.rating_scale))
     train = alignment_data.GroupSource(path, cfg.data.train_split)
     train.validate(rating_range)
-    validation = None
-    if cfg.data.validation_path or (Path(path) / "dataset_info.json").is_file():
-        validation_path = cfg.data.validation_path or path
-        try:
-            validation = alignment_data.GroupSource(validation_path, cfg.data.validation_split)
-        except alignment_data.DataError:
-            if cfg.data.validation_path:
-                raise
-        if validation is not None:
-            validation.validate(rating_range)
+    if not cfg.data.validation_path and not alignment_data.has_split(path, cfg.data.validation_split):
+        return train, None  # no held-out data: no evaluation
+    validation = alignment_data.GroupSource(cfg.data.validation_path or path, cfg.data.validation_split)
+    validation.validate(rating_range)
     return train, validation
 
 
