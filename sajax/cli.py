@@ -24,15 +24,16 @@ from ml_collections import config_flags
 from sajax import generate, hf, model, sharding, tokenizer
 from sajax.config import LlamaConfig
 
-def _default_config() -> str:
-    """configs/tiny.py: installed as the package `sajax.configs`, or beside `sajax/` in a source checkout."""
+def bundled_config(name: str) -> str:
+    """Path of configs/<name>: installed as the package `sajax.configs`, or beside `sajax/` in a source
+    checkout."""
     try:
-        return str(resources.files("sajax.configs").joinpath("tiny.py"))
+        return str(resources.files("sajax.configs").joinpath(name))
     except ModuleNotFoundError:
-        return str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
+        return str(Path(__file__).resolve().parent.parent / "configs" / name)
 
 
-DEFAULT_CONFIG = _default_config()
+DEFAULT_CONFIG = bundled_config("tiny.py")
 
 
 def initialize_distributed() -> None:

@@ -9,20 +9,12 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 _FLAGS = flags.FLAGS
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "sim_tiny.py")
-
-
-def _default_config() -> str:
-    from importlib import resources
-
-    try:
-        return str(resources.files("sajax.configs").joinpath("sim_tiny.py"))
-    except ModuleNotFoundError:
-        return DEFAULT_CONFIG
 
 
 def _define_sim_flags() -> None:
-    config_flags.DEFINE_config_file("config", _default_config(), "ml_collections sim config file.")
+    from sajax.cli import bundled_config
+
+    config_flags.DEFINE_config_file("config", bundled_config("sim_tiny.py"), "ml_collections sim config file.")
     flags.DEFINE_string("workdir", None, "Simulation directory (rounds, state, metrics).", required=True)
     flags.DEFINE_bool("resume", False, "Continue after the last committed round.")
     flags.DEFINE_bool("overwrite", False, "Delete an existing workdir and start again.")
