@@ -75,26 +75,59 @@ def stop_token_ids(config: LlamaConfig, tokenizer) -> list[int]:
     return list(dict.fromkeys(eos))
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Next tokens [B] from logits [B,V].
+def _order_key(x: jax.Array) -> jax.Array:
+    """float32 → uint32 with the same order (negative floats: all bits flipped; others: the sign bit set)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
-    temperature == 0: argmax. Otherwise sample from softmax(logits / temperature) restricted to the top_k
-    largest logits (top_k <= 0: no limit), then to the smallest set of the most likely remaining tokens whose
-    renormalised probability reaches top_p (top_p >= 1: no limit) — the order transformers applies them in."""
+
+def _from_order_key(key: jax.Array) -> jax.Array:
+    bits = jnp.where(key >> 31 == 1, key & jnp.uint32((1 << 31) - 1), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _smallest_where(values: jax.Array, predicate) -> jax.Array:
+    """Per row of values [B,V]: the smallest float32 x ≥ -inf with predicate(x) true, as [B,1]. `predicate` maps
+    x [B,1] → bool [B,1], must be monotone (false below the answer, true from it on) and true at the row's
+    maximum. Bisection over the 2^32 float bit patterns in their numeric order: exact, 32 passes of
+    elementwise work over [B,V] and no sort (XLA's CPU sort made sampling the slowest part of decoding)."""
+    lo = _order_key(jnp.full((values.shape[0], 1), -jnp.inf, jnp.float32)) - 1  # answer in (lo, hi]
+    hi = _order_key(jnp.max(values, axis=-1, keepdims=True).astype(jnp.float32))
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        active, holds = hi - lo > 1, predicate(_from_order_key(mid))
+        return jnp.where(active & ~holds, mid, lo), jnp.where(active & holds, mid, hi)
+
+    return _from_order_key(jax.lax.fori_loop(0, 32, halve, (lo, hi))[1])
+
+
+def truncate_logits(scaled: jax.Array, top_k, top_p) -> jax.Array:
+    """scaled [B,V] with every token outside the top-k, then outside the top-p nucleus, set to -inf — the order
+    transformers applies them in. Top-k (top_k <= 0: no limit) keeps the tokens ≥ the k-th largest value u_k,
+    the smallest x with #{v > x} < k. Top-p (top_p >= 1: no limit) renormalises what is left, p = softmax, and
+    keeps the tokens whose more likely tokens hold less than top_p: p_i ≥ the smallest x with Σ_{p_j > x} p_j <
+    top_p. Ties are kept or dropped together, as a sort with cumulative sums would."""
+    rows = (scaled.shape[0], 1)
+    kth = jax.lax.cond(top_k > 0,
+                       lambda: _smallest_where(scaled, lambda x: jnp.sum(scaled > x, -1, keepdims=True) < top_k),
+                       lambda: jnp.full(rows, -jnp.inf, jnp.float32))
+    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    pth = jax.lax.cond(top_p < 1, lambda: _smallest_where(
+        probs, lambda x: jnp.sum(jnp.where(probs > x, probs, 0.0), -1, keepdims=True) < top_p),
+        lambda: jnp.full(rows, -jnp.inf, jnp.float32))
+    return jnp.where(probs >= pth, scaled, -jnp.inf)
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Next tokens [B] from logits [B,V]: temperature == 0 gives the argmax; otherwise a draw from
+    softmax(logits / temperature) restricted by `truncate_logits` (top-k, then top-p)."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    vocab = logits.shape[-1]
-    descending = -jnp.sort(-scaled, axis=-1)  # [B,V]
-    kth = jnp.take(descending, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)[:, None]
-    kth = jnp.where(top_k > 0, kth, -jnp.inf)
-    descending = jnp.where(descending >= kth, descending, -jnp.inf)  # top-k first, then top-p on what is left
-    probs = jax.nn.softmax(descending, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
-    pth = jnp.min(jnp.where(mass_before < top_p, descending, jnp.inf), axis=-1, keepdims=True)
-    threshold = jnp.maximum(kth, pth)
-    sampled = jax.random.categorical(rng, jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    scaled = truncate_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+    sampled = jax.random.categorical(rng, scaled, axis=-1)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -116,6 +116,38 @@ def test_bad_generation_requests_are_named(gqa_reference, call, message):
         call(config, params)
 
 
+def _kept_by_sorting(scaled, top_k, top_p):
+    """Reference truncation with a sort and cumulative sums: top-k, then top-p on the renormalised rest."""
+    kept = np.ones(scaled.shape, bool)
+    for row, values in enumerate(scaled):
+        if top_k > 0:
+            kept[row] &= values >= np.sort(values)[::-1][min(top_k, len(values)) - 1]
+        probs = np.where(kept[row], np.exp(values - values.max()), 0.0)
+        probs /= probs.sum()
+        if top_p < 1:
+            kept[row] &= np.array([probs[probs > p].sum() < top_p for p in probs])
+    return kept
+
+
+def test_truncation_matches_sorting_and_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    rng = np.random.default_rng(0)
+    truncate = jax.jit(generate.truncate_logits)
+    for case in range(60):
+        top_k, top_p = int(rng.integers(0, 45)), float(rng.choice([0.05, 0.3, 0.6, 0.9, 0.99, 1.0]))
+        tied = np.round(rng.normal(size=(6, 40)) * 2, 1).astype(np.float32)  # many equal values
+        kept = np.isfinite(np.asarray(truncate(tied, top_k, top_p)))
+        np.testing.assert_array_equal(kept, _kept_by_sorting(tied, top_k, top_p), err_msg=f"{top_k} {top_p}")
+        scores = rng.normal(size=(6, 40)).astype(np.float32) * 3  # distinct values: no tie to break
+        warped = torch.as_tensor(scores)
+        for warper in ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + ([TopPLogitsWarper(top_p)]
+                                                                            if top_p < 1 else []):
+            warped = warper(None, warped)
+        np.testing.assert_array_equal(np.isfinite(np.asarray(truncate(scores, top_k, top_p))),
+                                      np.isfinite(warped.numpy()), err_msg=f"{top_k} {top_p}")
+
+
 def test_top_p_applies_to_the_top_k_renormalised_distribution():
     logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.2, 0.1]] * 2000))
     draws = np.asarray(jax.jit(generate.sample_logits)(logits, jax.random.key(1), 1.0, 2, 0.5))
