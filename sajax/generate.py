@@ -1,9 +1,11 @@
 """Batched generation with a KV cache, and scoring of given continuations.
 
-`generate` left-pads the prompts (length rounded up to `length_bucket` so that similar batches share one
-compile), fills the cache with one prefill pass, then decodes one token per step inside a jitted
-`lax.while_loop` that stops when every row has produced an end-of-sequence token or `max_new_tokens` are out.
-Sampling settings are traced values: changing temperature/top-k/top-p does not recompile.
+`generate` = `prefill` + `decode`. `prefill` left-pads the prompts (length rounded up to `length_bucket` so that
+similar batches share one compile) and fills the cache in one pass — prompts that share a prefix compute it once
+and append the rest with `extend`; `decode` samples one token per step inside a jitted `lax.while_loop` that
+stops when every row has produced an end-of-sequence token or `max_new_tokens` are out. In between, `extend` can
+append chosen tokens (the simulator reads a rating from the prefill's logits, appends it, then decodes the
+reason). Sampling settings are traced values: changing temperature/top-k/top-p does not recompile.
 
 `score_continuations` returns log p(continuation | prompt) for each pair in one forward pass; the simulator reads
 a 1–7 rating as a distribution over the rating tokens with it, never by parsing free text.
@@ -46,12 +48,17 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length_bucket: int
     for i, seq in enumerate(sequences):
         if len(seq) == 0:
             raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
-    width = _round_up(max(len(s) for s in sequences), length_bucket)
+    return _left_align(sequences, pad_id, _round_up(max(len(s) for s in sequences), length_bucket))
+
+
+def _left_align(sequences, pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """`left_pad` to a given width, without its checks: a sequence may be empty (an all-padding row)."""
     ids = np.full((len(sequences), width), pad_id, np.int32)
     mask = np.zeros((len(sequences), width), np.int32)
     for i, seq in enumerate(sequences):
-        ids[i, width - len(seq):] = seq
-        mask[i, width - len(seq):] = 1
+        if len(seq):
+            ids[i, width - len(seq):] = seq
+            mask[i, width - len(seq):] = 1
     return ids, mask
 
 
@@ -135,16 +142,51 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) 
     return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
+@dataclasses.dataclass
+class Prefilled:
+    """Token sequences already run through the model, on device: their KV cache with free slots after them, and
+    the next-token logits. Made by `prefill`; `extend` appends tokens, `decode` samples continuations.
+
+    Slot layout: every row's real tokens end at `slot` (blocks are left-padded); padding slots are masked out of
+    attention and may sit between blocks (positions come from the real tokens, not the slots)."""
+    cache: object  # per layer {"k", "v"} [B,S,K,E] (scanned layers: stacked [L,B,S,K,E])
+    key_mask: jax.Array  # [B,S] int32: 1 where a slot holds a real token
+    position: jax.Array  # [B] int32: the next token's position (= real tokens so far)
+    logits: jax.Array  # [B,V] float32: next-token logits
+    slot: int  # next free slot, the same for every row
+
+    @property
+    def free(self) -> int:
+        return self.key_mask.shape[1] - self.slot
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate(config: LlamaConfig, max_new_tokens: int, params, prompt_ids, prompt_mask, rng, temperature, top_k,
-              top_p, eos_ids, pad_id):
+def _prefill(config: LlamaConfig, reserve: int, params, ids, mask):
+    batch, length = ids.shape
+    cache = init_cache(config, batch, length + reserve)
+    key_mask = jnp.zeros((batch, length + reserve), jnp.int32).at[:, :length].set(mask)
+    hidden, cache = Llama(config).apply({"params": params}, ids, positions_from_mask(mask), key_mask, cache, 0,
+                                        return_hidden=True)
+    logits = (hidden[:, -1] @ output_weights(config, params)).astype(jnp.float32)  # no [B,P,V] logits
+    return cache, key_mask, jnp.sum(mask, axis=1), logits
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _extend(config: LlamaConfig, slot: int, params, cache, key_mask, position, logits, ids, mask):
+    key_mask = jax.lax.dynamic_update_slice(key_mask, mask, (0, slot))
+    positions = position[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B,F]
+    hidden, cache = Llama(config).apply({"params": params}, ids, positions, key_mask, cache, slot,
+                                        return_hidden=True)
+    appended = jnp.sum(mask, axis=1)
+    new_logits = (hidden[:, -1] @ output_weights(config, params)).astype(jnp.float32)
+    return cache, key_mask, position + appended, jnp.where(appended[:, None] > 0, new_logits, logits)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode(config: LlamaConfig, slot: int, max_new_tokens: int, params, cache, key_mask, position, logits, rng,
+            temperature, top_k, top_p, eos_ids, pad_id):
     model = Llama(config)
-    batch, prompt_len = prompt_ids.shape
-    cache = init_cache(config, batch, prompt_len + max_new_tokens)
-    key_mask = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32).at[:, :prompt_len].set(prompt_mask)
-    positions = positions_from_mask(prompt_mask)
-    hidden, cache = model.apply({"params": params}, prompt_ids, positions, key_mask, cache, 0, return_hidden=True)
-    last_logits = (hidden[:, -1] @ output_weights(config, params)).astype(jnp.float32)  # no [B,P,V] logits
+    batch = logits.shape[0]
 
     def pick(step, logits, done):
         token = sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
@@ -152,8 +194,8 @@ def _generate(config: LlamaConfig, max_new_tokens: int, params, prompt_ids, prom
         return token, done | jnp.isin(token, eos_ids)
 
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    token, done = pick(0, last_logits, jnp.zeros((batch,), bool))
-    state = (1, tokens.at[:, 0].set(token), token, done, positions[:, -1] + 1, key_mask, cache)
+    token, done = pick(0, logits, jnp.zeros((batch,), bool))
+    state = (1, tokens.at[:, 0].set(token), token, done, position, key_mask, cache)
 
     def cond(state):
         step, _, _, done, *_ = state
@@ -161,9 +203,9 @@ def _generate(config: LlamaConfig, max_new_tokens: int, params, prompt_ids, prom
 
     def body(state):
         step, tokens, token, done, position, key_mask, cache = state
-        slot = prompt_len + step - 1  # where the previous token's key/value goes
-        key_mask = key_mask.at[:, slot].set(1)
-        logits, cache = model.apply({"params": params}, token[:, None], position[:, None], key_mask, cache, slot)
+        at = slot + step - 1  # where the previous token's key/value goes
+        key_mask = key_mask.at[:, at].set(1)
+        logits, cache = model.apply({"params": params}, token[:, None], position[:, None], key_mask, cache, at)
         token, done = pick(step, logits[:, 0], done)
         return step + 1, tokens.at[:, step].set(token), token, done, position + 1, key_mask, cache
 
@@ -173,31 +215,136 @@ def _generate(config: LlamaConfig, max_new_tokens: int, params, prompt_ids, prom
     return tokens, first_end.astype(jnp.int32)
 
 
-def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             length_bucket: int = 32) -> Generation:
-    """Continues each token list in `prompts`; deterministic for a given seed. `eos_token_id` defaults to the
-    config's (a row stops at the first one), `pad_token_id` to the config's (else 0)."""
+@functools.partial(jax.jit, static_argnums=0)
+def _take_rows(config: LlamaConfig, cache, key_mask, position, logits, rows):
+    axis = 1 if config.scan_layers else 0
+    return (jax.tree.map(lambda x: jnp.take(x, rows, axis=axis), cache), key_mask[rows], position[rows],
+            logits[rows])
+
+
+def _check_tokens(config: LlamaConfig, sequences: Sequence[Sequence[int]], what: str) -> None:
+    for i, seq in enumerate(sequences):
+        if len(seq) and not 0 <= min(seq) <= max(seq) < config.vocab_size:
+            raise ValueError(f"{what} {i} has token ids outside the vocabulary [0, {config.vocab_size})")
+
+
+def shared_prefixes(prompts: Sequence[Sequence[int]], min_shared: int = 16):
+    """Groups prompts that start alike, to run each group's common prefix through the model once.
+
+    Returns (prefixes, owner, suffixes): prompt i = prefixes[owner[i]] + suffixes[i], every suffix at least one
+    token long. Prompts are visited in sorted order (so a common prefix is shared by neighbours); a prompt joins
+    the current group when that lowers the tokens to prefill — with k members sharing l tokens, a newcomer
+    sharing l' ≤ l joins iff k·l' > (k−1)·l — and l' ≥ `min_shared`; otherwise it starts a group of its own."""
+    order = sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    groups: list[list] = []  # [shared length, members]
+    for i in order:
+        prompt = list(prompts[i])
+        if groups:
+            shared, members = groups[-1]
+            lead = prompts[members[0]]
+            common = next((n for n, (a, b) in enumerate(zip(lead, prompt)) if a != b), min(len(lead), len(prompt)))
+            joined = min(shared, common, len(prompt) - 1)
+            if joined >= min_shared and len(members) * joined > (len(members) - 1) * shared:
+                groups[-1] = [joined, members + [i]]
+                continue
+        groups.append([len(prompt) - 1, [i]])
+    owner, prefixes, suffixes = [0] * len(prompts), [], [None] * len(prompts)
+    for g, (shared, members) in enumerate(groups):
+        prefixes.append(list(prompts[members[0]][:shared]))
+        for i in members:
+            owner[i], suffixes[i] = g, list(prompts[i][shared:])
+    return prefixes, owner, suffixes
+
+
+def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, reserve: int,
+            length_bucket: int = 32, share_prefixes: bool = True) -> Prefilled:
+    """Runs `prompts` (token lists) through the model into a KV cache with `reserve` free slots after each.
+
+    With `share_prefixes`, prompts that start with the same tokens (e.g. several raters of one answer) have that
+    prefix computed once (`shared_prefixes`): the prefixes are prefilled, their cache rows repeated per prompt,
+    and the rest appended with `extend` — the same result as prefilling every prompt in full."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+    _check_tokens(config, prompts, "prompt")
+    longest = max(len(p) for p in prompts)
+    if longest + reserve > config.max_position_embeddings:
+        raise ValueError(f"longest prompt ({longest} tokens) + {reserve} more tokens exceeds "
+                         f"max_position_embeddings ({config.max_position_embeddings})")
+    if share_prefixes and len(prompts) > 1:
+        prefixes, owner, suffixes = shared_prefixes(prompts)
+        if len(prefixes) < len(prompts):
+            width = _round_up(max(len(s) for s in suffixes), 8)
+            state = _prefill_padded(config, params, prefixes, width + reserve, length_bucket)
+            rows = jnp.asarray(owner, jnp.int32)
+            state = Prefilled(*_take_rows(config, state.cache, state.key_mask, state.position, state.logits, rows),
+                              state.slot)
+            return extend(config, params, state, suffixes, length_bucket=8)
+    return _prefill_padded(config, params, prompts, reserve, length_bucket)
+
+
+def _prefill_padded(config, params, prompts, reserve, length_bucket) -> Prefilled:
+    ids, mask = _left_align(prompts, 0, _round_up(max(len(p) for p in prompts), length_bucket))
+    cache, key_mask, position, logits = _prefill(config, reserve, params, ids, mask)
+    return Prefilled(cache, key_mask, position, logits, ids.shape[1])
+
+
+def extend(config: LlamaConfig, params, state: Prefilled, tokens: Sequence[Sequence[int]],
+           length_bucket: int = 1) -> Prefilled:
+    """Appends tokens[i] to row i (rows may get none) in one pass; `state` is consumed (its cache is updated in
+    place) and the extended state returned. The appended block is the longest list rounded up to
+    `length_bucket` (capped by the free slots) wide: 1 uses exactly the slots needed."""
+    if len(tokens) != state.logits.shape[0]:
+        raise ValueError(f"{len(tokens)} token lists for {state.logits.shape[0]} rows")
+    _check_tokens(config, tokens, "row")
+    longest = max(max(len(t) for t in tokens), 1)
+    if longest > state.free:
+        raise ValueError(f"{longest} tokens do not fit in the {state.free} free cache slots")
+    ids, mask = _left_align(tokens, 0, min(_round_up(longest, length_bucket), state.free))
+    cache, key_mask, position, logits = _extend(config, state.slot, params, state.cache, state.key_mask,
+                                                state.position, state.logits, ids, mask)
+    return Prefilled(cache, key_mask, position, logits, state.slot + ids.shape[1])
+
+
+def decode(config: LlamaConfig, params, state: Prefilled, *, max_new_tokens: int, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
+           pad_token_id: int | None = None) -> Generation:
+    """Samples up to `max_new_tokens` per row after `state` (consumed), one token per step in a jitted
+    `lax.while_loop` that ends when every row has produced an end-of-sequence token."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if max_new_tokens - 1 > state.free:
+        raise ValueError(f"{max_new_tokens} new tokens do not fit in the {state.free} free cache slots")
     eos = config.eos_token_ids if eos_token_id is None else (
         (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
-    for i, prompt in enumerate(prompts):
-        if len(prompt) and not 0 <= min(prompt) <= max(prompt) < config.vocab_size:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {config.vocab_size})")
-    ids, mask = left_pad(prompts, 0, length_bucket)  # the input pad is masked; `pad` may lie outside the vocab
-    longest = max(len(p) for p in prompts)
+    tokens, lengths = _decode(config, state.slot, max_new_tokens, params, state.cache, state.key_mask,
+                              state.position, state.logits, jax.random.key(seed), np.float32(temperature),
+                              np.int32(top_k), np.float32(top_p), np.asarray(eos or (-1,), np.int32), np.int32(pad))
+    return Generation(np.asarray(tokens), np.asarray(lengths))
+
+
+def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             length_bucket: int = 32, share_prefixes: bool = True) -> Generation:
+    """Continues each token list in `prompts`; deterministic for a given seed. `eos_token_id` defaults to the
+    config's (a row stops at the first one), `pad_token_id` to the config's (else 0). `prefill`, then
+    `decode`."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max((len(p) for p in prompts), default=0)
     if longest + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_position_embeddings ({config.max_position_embeddings})")
-    tokens, lengths = _generate(config, max_new_tokens, params, ids, mask, jax.random.key(seed),
-                                jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
-                                jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad))
-    return Generation(np.asarray(tokens), np.asarray(lengths))
+    state = prefill(config, params, prompts, reserve=max_new_tokens, length_bucket=length_bucket,
+                    share_prefixes=share_prefixes)
+    return decode(config, params, state, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                  top_p=top_p, seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -135,7 +135,11 @@ class ScriptedBackend(Backend):
 
 
 class LocalBackend(Backend):
-    """The sajax LLaMA: jitted batched generation; ratings from the probabilities of "1"…"7"."""
+    """The sajax LLaMA: jitted batched generation; ratings from the probabilities of "1"…"7".
+
+    A stage's requests are sorted by their tokens and run in chunks of `batch_size` rows, so prompts that start
+    alike (the raters of one answer, one stage's shared instructions) land in one chunk and their common prefix
+    is computed once (`generate.prefill`)."""
 
     kind = "local"
 
@@ -148,64 +152,114 @@ class LocalBackend(Backend):
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.reason_tokens, self.rating_mode, self.name = reason_tokens, rating_mode, name
-        self.batch_size = batch_size  # rows per jitted call: a stage's requests run in chunks of this size
+        self.batch_size = batch_size  # rows per jitted call
         self._rating_tokens = [tokenizer.encode(f" {n}", add_special_tokens=False) for n in range(1, 8)]
+        self._reason_marker = tokenizer.encode(" ### Reason:", add_special_tokens=False)
+        prefix = self._rating_tokens[0][:-1]
+        # " 1" … " 7" share a prefix and differ in one last token ("▁" + digit in LLaMA tokenizers): one forward
+        # pass over prompt + prefix reads all seven; otherwise each rating is scored as a continuation
+        self._one_pass = (all(t[:-1] == prefix for t in self._rating_tokens)
+                          and len({t[-1] for t in self._rating_tokens}) == 7)
 
-    def _chunks(self, items: list) -> list[list]:
-        return [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+    def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        return [self.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
 
-    def _generate(self, prompts: list[str], seed: int, max_new_tokens: int) -> tuple[list[str], int, int]:
-        """(texts, prompt tokens, generated tokens)."""
+    def _chunks(self, encoded: list[list[int]]) -> list[list[int]]:
+        """Row indices in chunks of `batch_size`, rows sorted by their tokens (common prefixes side by side)."""
+        order = sorted(range(len(encoded)), key=lambda i: encoded[i])
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def _sampling(self, seed: int) -> dict:
         from sajax import generate
 
-        encoded = [self.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
-        eos = generate.stop_token_ids(self.config, self.tokenizer)
-        texts, lengths = [], []
-        for n, chunk in enumerate(self._chunks(encoded)):
-            out = generate.generate(self.config, self.params, chunk, max_new_tokens=max_new_tokens,
-                                    temperature=self.temperature, top_p=self.top_p, seed=seed + n,
-                                    eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id)
-            lengths += out.lengths.tolist()
-            texts += [self.tokenizer.decode(row[:k], skip_special_tokens=True).strip()
-                      for row, k in zip(out.tokens, out.lengths)]
-        return texts, sum(len(e) for e in encoded), int(np.sum(lengths))
+        return dict(temperature=self.temperature, top_p=self.top_p, seed=seed,
+                    eos_token_id=generate.stop_token_ids(self.config, self.tokenizer),
+                    pad_token_id=self.tokenizer.pad_token_id)
+
+    def _texts(self, generation) -> list[str]:
+        return [self.tokenizer.decode(row[:k], skip_special_tokens=True).strip()
+                for row, k in zip(generation.tokens, generation.lengths)]
 
     def generate(self, requests: Sequence[Request], seed: int) -> list[str | None]:
-        texts, prompt_tokens, completion_tokens = self._generate([r.prompt for r in requests], seed,
-                                                                 self.max_new_tokens)
-        self._count(requests[0].stage if requests else "", len(requests), prompt_tokens, completion_tokens)
+        from sajax import generate
+
+        encoded = self._encode([r.prompt for r in requests])
+        texts: list[str | None] = [None] * len(requests)
+        completion_tokens = 0
+        for n, rows in enumerate(self._chunks(encoded)):
+            out = generate.generate(self.config, self.params, [encoded[i] for i in rows],
+                                    max_new_tokens=self.max_new_tokens, **self._sampling(seed + n))
+            completion_tokens += int(out.lengths.sum())
+            for i, text in zip(rows, self._texts(out)):
+                texts[i] = text
+        self._count(requests[0].stage if requests else "", len(requests), sum(map(len, encoded)),
+                    completion_tokens)
         return texts
 
     def rating_distribution(self, prompts: list[str]) -> np.ndarray:
-        """p(rating = n | prompt) for n = 1..7 [len(prompts), 7], renormalised over the seven ratings.
-
-        When the seven rating continuations share a prefix and differ in their last token (" 1" … " 7" are
-        "▁" + digit in LLaMA tokenizers), one forward pass over prompt + prefix reads all seven at once;
-        otherwise each (prompt, rating) pair is scored with `score_continuations`."""
+        """p(rating = n | prompt) for n = 1..7 [len(prompts), 7], renormalised over the seven ratings: the next-
+        token probabilities after prompt + the ratings' common prefix, else each rating scored in full."""
         from sajax import generate
 
-        encoded = [self.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
-        prefix = self._rating_tokens[0][:-1]
-        if all(t[:-1] == prefix for t in self._rating_tokens) and len({t[-1] for t in self._rating_tokens}) == 7:
-            last = [t[-1] for t in self._rating_tokens]
-            logp = np.concatenate([generate.next_token_logprobs(self.config, self.params, [e + prefix for e in c])
-                                   [:, last] for c in self._chunks(encoded)])
-        else:
-            logp = np.concatenate([generate.score_continuations(
-                self.config, self.params, [e for e in c for _ in range(7)], self._rating_tokens * len(c))
-                .reshape(len(c), 7) for c in self._chunks(encoded)])
-        probs = np.exp(logp - logp.max(axis=1, keepdims=True))
-        return probs / probs.sum(axis=1, keepdims=True)
+        encoded = self._encode(prompts)
+        logp = np.zeros((len(prompts), 7))
+        for rows in self._chunks(encoded):
+            if self._one_pass:
+                state = generate.prefill(self.config, self.params,
+                                         [encoded[i] + self._rating_tokens[0][:-1] for i in rows], reserve=0)
+                logp[rows] = self._rating_logprobs(state)
+            else:
+                logp[rows] = generate.score_continuations(
+                    self.config, self.params, [encoded[i] for i in rows for _ in range(7)],
+                    self._rating_tokens * len(rows)).reshape(len(rows), 7)
+        return _normalise(logp)
+
+    def _rating_logprobs(self, state) -> np.ndarray:
+        from jax.nn import log_softmax
+
+        last = np.asarray([t[-1] for t in self._rating_tokens])
+        return np.asarray(log_softmax(state.logits, axis=-1))[:, last]
+
+    def _value(self, probs: np.ndarray) -> np.ndarray:
+        return probs @ np.arange(1, 8) if self.rating_mode == "expected" else np.argmax(probs, axis=1) + 1.0
 
     def rate(self, requests: Sequence[Request], seed: int) -> list[Rating]:
+        """Each rating read from the prompt's next-token distribution, then "<rating> ### Reason:" appended to
+        the same cache and the reason generated — one prefill per request (`_one_pass`), else the prompt is
+        scored per rating and then prefilled again with the chosen one."""
+        from sajax import generate
+
         if not requests:
             return []
-        probs = self.rating_distribution([r.prompt for r in requests])
-        if self.rating_mode == "expected":
-            values = probs @ np.arange(1, 8)
-        else:
-            values = np.argmax(probs, axis=1) + 1.0
-        reason_prompts = [f"{r.prompt} {round(v)} ### Reason:" for r, v in zip(requests, values)]
-        reasons, prompt_tokens, completion_tokens = self._generate(reason_prompts, seed, self.reason_tokens)
+        encoded = self._encode([r.prompt for r in requests])
+        values, reasons = np.zeros(len(requests)), [""] * len(requests)
+        prompt_tokens = completion_tokens = 0
+        for n, rows in enumerate(self._chunks(encoded)):
+            forced_tail = len(self._reason_marker) + len(self._rating_tokens[0])
+            if self._one_pass:
+                prefix = self._rating_tokens[0][:-1]
+                state = generate.prefill(self.config, self.params, [encoded[i] + prefix for i in rows],
+                                         reserve=forced_tail + self.reason_tokens)
+                chunk_values = self._value(_normalise(self._rating_logprobs(state)))
+                state = generate.extend(self.config, self.params, state, [
+                    [self._rating_tokens[round(v) - 1][-1]] + self._reason_marker for v in chunk_values])
+            else:
+                chunk_values = self._value(self.rating_distribution([requests[i].prompt for i in rows]))
+                state = generate.prefill(self.config, self.params, [
+                    encoded[i] + self._rating_tokens[round(v) - 1] + self._reason_marker
+                    for i, v in zip(rows, chunk_values)], reserve=self.reason_tokens)
+            out = generate.decode(self.config, self.params, state, max_new_tokens=self.reason_tokens,
+                                  **self._sampling(seed + n))
+            values[rows] = chunk_values
+            for i, text in zip(rows, self._texts(out)):
+                reasons[i] = text
+            prompt_tokens += sum(len(encoded[i]) + forced_tail for i in rows)
+            completion_tokens += int(out.lengths.sum())
         self._count(requests[0].stage, len(requests), prompt_tokens, completion_tokens)
         return [Rating(float(v), reason or None) for v, reason in zip(values, reasons)]
+
+
+def _normalise(logp: np.ndarray) -> np.ndarray:
+    probs = np.exp(logp - logp.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+

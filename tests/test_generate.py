@@ -61,6 +61,51 @@ def test_greedy_equals_transformers_generate_with_per_row_eos(gqa_reference):
         assert eos not in ours.tokens[row, :n - 1]
 
 
+def _prompts_sharing_prefixes(vocab_size):
+    rng = np.random.default_rng(3)
+    base, other = rng.integers(3, vocab_size, 20).tolist(), rng.integers(3, vocab_size, 25).tolist()
+    return [base + [7], other, base + [7], base + [8, 9, 10], base[:17] + [11, 12], [1], base + [7, 5], other[:24]]
+
+
+def test_shared_prefixes_groups_prompts_that_start_alike():
+    prompts = [[1] * 30 + [2], [1] * 30 + [2], [1] * 30 + [3, 4], [5] * 20, [1] * 16 + [9] * 3, [6]]
+    prefixes, owner, suffixes = generate.shared_prefixes(prompts, min_shared=16)
+    for prompt, g, suffix in zip(prompts, owner, suffixes):
+        assert prefixes[g] + suffix == prompt and len(suffix) >= 1
+    assert owner[0] == owner[1] == owner[2] and len(prefixes[owner[0]]) == 30  # the three share 30 tokens
+    assert owner[4] != owner[0]  # joining would cut the shared 30 to 16: more tokens to prefill, so it does not
+    assert len({owner[3], owner[4], owner[5], owner[0]}) == 4
+
+
+def test_prefix_sharing_and_extend_change_no_logit_or_token(gqa_reference):
+    torch_model, config, params = gqa_reference
+    prompts = _prompts_sharing_prefixes(config.vocab_size)
+    assert len(generate.shared_prefixes(prompts)[0]) < len(prompts)  # something is shared
+    alone = generate.prefill(config, params, prompts, reserve=8, share_prefixes=False)
+    shared = generate.prefill(config, params, prompts, reserve=8)
+    assert np.abs(np.asarray(shared.logits) - np.asarray(alone.logits)).max() <= 1e-5
+    split = [max(len(p) - 3, 1) for p in prompts]  # prefill the start, extend with the rest (or nothing)
+    extended = generate.extend(config, params, generate.prefill(config, params, [p[:k] for p, k in
+                                                                  zip(prompts, split)], reserve=16),
+                               [p[k:] for p, k in zip(prompts, split)])
+    assert np.abs(np.asarray(extended.logits) - np.asarray(alone.logits)).max() <= 1e-5
+    ours = generate.generate(config, params, prompts, max_new_tokens=6, eos_token_id=[])
+    ids, mask = generate.left_pad(prompts, pad_id=0, length_bucket=1)
+    with torch.no_grad():
+        reference = torch_model.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                                         attention_mask=torch.as_tensor(mask, dtype=torch.long), do_sample=False,
+                                         max_new_tokens=6, eos_token_id=None, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(ours.tokens, reference[:, ids.shape[1]:])
+    after_extend = generate.decode(config, params, generate.extend(config, params, generate.prefill(
+        config, params, [p[:k] for p, k in zip(prompts, split)], reserve=16), [p[k:] for p, k in zip(prompts, split)]),
+        max_new_tokens=6, eos_token_id=[])
+    np.testing.assert_array_equal(after_extend.tokens, ours.tokens)
+    scanned = config.replace(scan_layers=True)  # the stacked cache repeats its rows along axis 1
+    stacked = model.stack_layers(params, config.num_hidden_layers)
+    shared_scanned = generate.prefill(scanned, stacked, prompts, reserve=8)
+    assert np.abs(np.asarray(shared_scanned.logits) - np.asarray(alone.logits)).max() <= 1e-5
+
+
 def test_sampling_is_deterministic_and_respects_limits(gqa_reference):
     _, config, params = gqa_reference
     prompts = _prompts(config.vocab_size)

@@ -182,7 +182,7 @@ def test_memories_are_seeded_from_the_prior_by_label(tmp_path):
 def test_local_rating_distribution_equals_scoring_each_rating(tmp_path):
     from sajax import generate, model, tokenizer
     from sajax.config import LlamaConfig
-    from sim.backends import LocalBackend
+    from sim.backends import LocalBackend, Request
 
     tok = tokenizer.train_tokenizer(tokenizer.demo_corpus(), tmp_path / "tok", vocab_size=512)
     config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -197,3 +197,18 @@ def test_local_rating_distribution_equals_scoring_each_rating(tmp_path):
     slow = np.exp(logp.reshape(3, 7))
     np.testing.assert_allclose(fast, slow / slow.sum(axis=1, keepdims=True), atol=1e-5)
     assert fast.std() > 1e-3  # not uniform: the check has teeth
+    # rate(): the rating from one prefill, then "<rating> ### Reason:" appended to that cache and the reason
+    # decoded — the same reason as generating from the whole text; identical prompts share their prefill
+    greedy = LocalBackend(config, params, tok, batch_size=4, temperature=0.0, reason_tokens=5)
+    requests = [Request(p, "q", "a", stage="feedback") for p in prompts + prompts[:1]]
+    ratings = greedy.rate(requests, seed=0)
+    expected_values = np.concatenate([fast, fast[:1]]) @ np.arange(1, 8)
+    np.testing.assert_allclose([r.value for r in ratings], expected_values, atol=1e-5)
+    marker = tok.encode(" ### Reason:", add_special_tokens=False)
+    full = [e + tok.encode(f" {round(v)}", add_special_tokens=False) + marker
+            for e, v in zip(encoded + encoded[:1], expected_values)]
+    out = generate.generate(config, params, full, max_new_tokens=5, share_prefixes=False,
+                            eos_token_id=generate.stop_token_ids(config, tok), pad_token_id=tok.pad_token_id)
+    assert [r.reason for r in ratings] == [tok.decode(row[:n], skip_special_tokens=True).strip() or None
+                                           for row, n in zip(out.tokens, out.lengths)]
+    assert ratings[0] == ratings[3]
