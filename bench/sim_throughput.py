@@ -11,8 +11,9 @@ call (one agent's draft, one peer's rating, ...), as a loop over agents calling 
   by agent) — here an in-process fake on 127.0.0.1 that answers every request after `--latency` seconds, so the
   comparison measures how the engine overlaps requests (`--concurrency`, backend.concurrency), not a model.
 
-One warm-up round each (compiles), then one measured round each (the same deterministic round, so the
-measurement holds no compilation); interactions/s = agents' Back-Scatter interactions per second.
+One warm-up round each (compiles), then `--repeats` measured rounds each, alternating (the same deterministic
+round, so the measurement holds no compilation), reported as the median; interactions/s = agents' Back-Scatter
+interactions per second.
 
     python bench/sim_throughput.py [--grid 10 --max-new-tokens 24 --hidden 64 --layers 2 --batch-size 8]
     python bench/sim_throughput.py --backend api [--latency 0.02 --concurrency 16]
@@ -121,6 +122,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8, help="backend.batch_size of the batched engine")
     parser.add_argument("--latency", type=float, default=0.02, help="api: seconds per request")
     parser.add_argument("--concurrency", type=int, default=16, help="api: backend.concurrency")
+    parser.add_argument("--repeats", type=int, default=3, help="measured rounds per variant (median reported)")
     args = parser.parse_args()
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "sim_tiny.py")
     cfg.world.grid_size = args.grid
@@ -128,16 +130,23 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         backend, observer = local_backends(args, workdir) if server is None else api_backends(args, server)
         agents = args.grid ** 2
-        results = {}
-        for name, (b, o) in {"batched engine": (backend, observer),
-                             "agent by agent": (OneAtATime(backend), OneAtATime(observer))}.items():
+        variants = {"batched engine": (backend, observer),
+                    "agent by agent": (OneAtATime(backend), OneAtATime(observer))}
+        for b, o in variants.values():
             one_round(cfg, b, o, workdir, 1)  # warm-up: the same round, so every shape is compiled once
-            calls_before = sum(s.calls for x in (backend, observer) for s in x.stats.values())
-            seconds = one_round(cfg, b, o, workdir, 1)
-            calls = sum(s.calls for x in (backend, observer) for s in x.stats.values()) - calls_before
-            results[name] = agents / seconds
-            print(f"{name:16s} {seconds:8.2f} s/round   {agents / seconds:8.2f} interactions/s   "
-                  f"({calls} requests)")
+        seconds, calls = {name: [] for name in variants}, {}
+        for _ in range(args.repeats):  # alternating, so a slow spell of a shared machine hits both
+            for name, (b, o) in variants.items():
+                calls_before = sum(s.calls for x in (backend, observer) for s in x.stats.values())
+                seconds[name].append(one_round(cfg, b, o, workdir, 1))
+                calls[name] = sum(s.calls for x in (backend, observer) for s in x.stats.values()) - calls_before
+        results = {}
+        for name, times in seconds.items():
+            median = float(np.median(times))
+            results[name] = agents / median
+            print(f"{name:16s} {median:8.2f} s/round (median of {len(times)}: "
+                  f"{', '.join(f'{t:.2f}' for t in times)})   {agents / median:8.2f} interactions/s   "
+                  f"({calls[name]} requests)")
     if server is not None:
         server.shutdown()
     print(f"{args.grid}x{args.grid} world, {args.backend} backend; "
