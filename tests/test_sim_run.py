@@ -212,3 +212,7 @@ def test_local_rating_distribution_equals_scoring_each_rating(tmp_path):
     assert [r.reason for r in ratings] == [tok.decode(row[:n], skip_special_tokens=True).strip() or None
                                            for row, n in zip(out.tokens, out.lengths)]
     assert ratings[0] == ratings[3]
+    greedy._one_pass = False  # tokenizers whose " 1" … " 7" differ in more than a last token: each rating scored
+    scored = greedy.rate(requests, seed=0)
+    np.testing.assert_allclose([r.value for r in scored], expected_values, atol=1e-5)
+    assert [r.reason for r in scored] == [r.reason for r in ratings]
