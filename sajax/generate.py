@@ -262,7 +262,8 @@ def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, re
 
     With `share_prefixes`, prompts that start with the same tokens (e.g. several raters of one answer) have that
     prefix computed once (`shared_prefixes`): the prefixes are prefilled, their cache rows repeated per prompt,
-    and the rest appended with `extend` — the same result as prefilling every prompt in full."""
+    and the rest appended with `extend` — the same result as prefilling every prompt in full. Used when the
+    padded prefixes and suffixes hold fewer tokens than the padded prompts."""
     if not prompts:
         raise ValueError("no prompts given")
     for i, prompt in enumerate(prompts):
@@ -275,8 +276,10 @@ def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, re
                          f"max_position_embeddings ({config.max_position_embeddings})")
     if share_prefixes and len(prompts) > 1:
         prefixes, owner, suffixes = shared_prefixes(prompts)
-        if len(prefixes) < len(prompts):
-            width = _round_up(max(len(s) for s in suffixes), 8)
+        width = _round_up(max(len(s) for s in suffixes), 8)
+        padded = lambda rows, length: rows * _round_up(max(length, 1), length_bucket)
+        # worth it when the padded prefix rows + suffix rows hold fewer tokens than the padded prompts
+        if padded(len(prefixes), max(map(len, prefixes))) + len(prompts) * width < padded(len(prompts), longest):
             state = _prefill_padded(config, params, prefixes, width + reserve, length_bucket)
             rows = jnp.asarray(owner, jnp.int32)
             state = Prefilled(*_take_rows(config, state.cache, state.key_mask, state.position, state.logits, rows),

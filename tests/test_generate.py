@@ -83,6 +83,7 @@ def test_prefix_sharing_and_extend_change_no_logit_or_token(gqa_reference):
     assert len(generate.shared_prefixes(prompts)[0]) < len(prompts)  # something is shared
     alone = generate.prefill(config, params, prompts, reserve=8, share_prefixes=False)
     shared = generate.prefill(config, params, prompts, reserve=8)
+    assert shared.slot == alone.slot + 8  # the shared layout ran: prefixes, then an 8-slot block of suffixes
     assert np.abs(np.asarray(shared.logits) - np.asarray(alone.logits)).max() <= 1e-5
     split = [max(len(p) - 3, 1) for p in prompts]  # prefill the start, extend with the rest (or nothing)
     extended = generate.extend(config, params, generate.prefill(config, params, [p[:k] for p, k in
