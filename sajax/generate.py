@@ -43,12 +43,16 @@ def _round_up(n: int, multiple: int) -> int:
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length_bucket: int) -> tuple[np.ndarray, np.ndarray]:
     """Token lists → (ids [B,P], mask [B,P]) aligned to the right; P = longest rounded up to `length_bucket`;
     padding positions hold `pad_id` (masked out: any id inside the vocabulary will do)."""
-    if not sequences:
-        raise ValueError("no prompts given")
-    for i, seq in enumerate(sequences):
-        if len(seq) == 0:
-            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+    _check_nonempty(sequences)
     return _left_align(sequences, pad_id, _round_up(max(len(s) for s in sequences), length_bucket))
+
+
+def _check_nonempty(prompts: Sequence[Sequence[int]]) -> None:
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
 
 
 def _left_align(sequences, pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -264,11 +268,7 @@ def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, re
     prefix computed once (`shared_prefixes`): the prefixes are prefilled, their cache rows repeated per prompt,
     and the rest appended with `extend` — the same result as prefilling every prompt in full. Used when the
     padded prefixes and suffixes hold fewer tokens than the padded prompts."""
-    if not prompts:
-        raise ValueError("no prompts given")
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token (e.g. BOS)")
+    _check_nonempty(prompts)
     _check_tokens(config, prompts, "prompt")
     longest = max(len(p) for p in prompts)
     if longest + reserve > config.max_position_embeddings:
