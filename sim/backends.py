@@ -155,10 +155,10 @@ class LocalBackend(Backend):
         self.batch_size = batch_size  # rows per jitted call
         self._rating_tokens = [tokenizer.encode(f" {n}", add_special_tokens=False) for n in range(1, 8)]
         self._reason_marker = tokenizer.encode(" ### Reason:", add_special_tokens=False)
-        prefix = self._rating_tokens[0][:-1]
+        self._rating_prefix = self._rating_tokens[0][:-1]
         # " 1" … " 7" share a prefix and differ in one last token ("▁" + digit in LLaMA tokenizers): one forward
         # pass over prompt + prefix reads all seven; otherwise each rating is scored as a continuation
-        self._one_pass = (all(t[:-1] == prefix for t in self._rating_tokens)
+        self._one_pass = (all(t[:-1] == self._rating_prefix for t in self._rating_tokens)
                           and len({t[-1] for t in self._rating_tokens}) == 7)
 
     def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
@@ -206,13 +206,18 @@ class LocalBackend(Backend):
         for rows in self._chunks(encoded):
             if self._one_pass:
                 state = generate.prefill(self.config, self.params,
-                                         [encoded[i] + self._rating_tokens[0][:-1] for i in rows], reserve=0)
+                                         [encoded[i] + self._rating_prefix for i in rows], reserve=0)
                 logp[rows] = self._rating_logprobs(state)
             else:
-                logp[rows] = generate.score_continuations(
-                    self.config, self.params, [encoded[i] for i in rows for _ in range(7)],
-                    self._rating_tokens * len(rows)).reshape(len(rows), 7)
+                logp[rows] = self._scored_logprobs([encoded[i] for i in rows])
         return _normalise(logp)
+
+    def _scored_logprobs(self, encoded: list[list[int]]) -> np.ndarray:
+        """log p(" n" | prompt) [len(encoded), 7], each rating scored as a whole continuation."""
+        from sajax import generate
+
+        return generate.score_continuations(self.config, self.params, [e for e in encoded for _ in range(7)],
+                                            self._rating_tokens * len(encoded)).reshape(len(encoded), 7)
 
     def _rating_logprobs(self, state) -> np.ndarray:
         from jax.nn import log_softmax
@@ -234,17 +239,16 @@ class LocalBackend(Backend):
         encoded = self._encode([r.prompt for r in requests])
         values, reasons = np.zeros(len(requests)), [""] * len(requests)
         prompt_tokens = completion_tokens = 0
+        forced_tail = len(self._reason_marker) + len(self._rating_tokens[0])
         for n, rows in enumerate(self._chunks(encoded)):
-            forced_tail = len(self._reason_marker) + len(self._rating_tokens[0])
             if self._one_pass:
-                prefix = self._rating_tokens[0][:-1]
-                state = generate.prefill(self.config, self.params, [encoded[i] + prefix for i in rows],
+                state = generate.prefill(self.config, self.params, [encoded[i] + self._rating_prefix for i in rows],
                                          reserve=forced_tail + self.reason_tokens)
                 chunk_values = self._value(_normalise(self._rating_logprobs(state)))
                 state = generate.extend(self.config, self.params, state, [
                     [self._rating_tokens[round(v) - 1][-1]] + self._reason_marker for v in chunk_values])
             else:
-                chunk_values = self._value(self.rating_distribution([requests[i].prompt for i in rows]))
+                chunk_values = self._value(_normalise(self._scored_logprobs([encoded[i] for i in rows])))
                 state = generate.prefill(self.config, self.params, [
                     encoded[i] + self._rating_tokens[round(v) - 1] + self._reason_marker
                     for i, v in zip(rows, chunk_values)], reserve=self.reason_tokens)
