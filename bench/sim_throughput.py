@@ -42,7 +42,7 @@ class OneAtATime(Backend):
 
     def __init__(self, inner: Backend):
         super().__init__()
-        self.inner, self.kind, self.name = inner, inner.kind, inner.name if hasattr(inner, "name") else inner.kind
+        self.inner, self.kind, self.name = inner, inner.kind, getattr(inner, "name", inner.kind)
         self.stats = inner.stats
 
     def generate(self, requests, seed):

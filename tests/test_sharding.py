@@ -83,17 +83,21 @@ def test_scanned_layers_shard_with_a_replicated_layer_axis(reference):
     assert shardings["layers"]["mlp"]["gate_proj"].spec == P(None, "fsdp", "tensor")
 
 
-def test_optimizer_state_follows_param_shardings(reference):
-    _, config, params = reference
+def _sharded_opt_state(tx, config, params):
+    """(param shardings, optimizer-state shardings, the state initialised with them) on a (2, 2, 2) mesh."""
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     param_sh = sharding.param_shardings(config, mesh)
-    tx = optax.adamw(1e-3)
     state_sh = sharding.opt_state_shardings(tx, model.param_shapes(config), param_sh, mesh)
+    return param_sh, state_sh, jax.jit(tx.init, out_shardings=state_sh)(jax.device_put(params, param_sh))
+
+
+def test_optimizer_state_follows_param_shardings(reference):
+    _, config, params = reference
+    param_sh, state_sh, state = _sharded_opt_state(optax.adamw(1e-3), config, params)
     adam = state_sh[0]
     assert adam.mu["layers_0"]["self_attn"]["k_proj"].spec == P("fsdp", "tensor", None)
     assert adam.nu == param_sh
     assert adam.count.spec == P()
-    state = jax.jit(tx.init, out_shardings=state_sh)(jax.device_put(params, param_sh))
     assert state[0].mu["lm_head"].sharding.spec == P("fsdp", "tensor")
 
 
@@ -116,11 +120,7 @@ def test_indivisible_parameter_is_named(gqa_reference):
 
 def test_factored_optimizer_state_is_replicated_where_shapes_differ(reference):
     _, config, params = reference
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    param_sh = sharding.param_shardings(config, mesh)
-    tx = optax.adafactor(1e-3)
-    state_sh = sharding.opt_state_shardings(tx, model.param_shapes(config), param_sh, mesh)
-    state = jax.jit(tx.init, out_shardings=state_sh)(jax.device_put(params, param_sh))
+    _, _, state = _sharded_opt_state(optax.adafactor(1e-3), config, params)
     param_shapes = {x.shape for x in jax.tree.leaves(params)}
     leaves = jax.tree.leaves(state)
     assert any(leaf.shape not in param_shapes and leaf.ndim >= 1 for leaf in leaves)  # factored statistics exist
