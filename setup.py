@@ -14,7 +14,8 @@ RUNTIME = [
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     "matplotlib==3.11.2",  # the simulator's metrics plot
 ]
-TEST = ["pytest==9.2.0", "torch==2.13.0"]  # torch: the PyTorch LLaMA reference in tests only
+TEST = ["pytest==9.2.0", "torch==2.13.0",  # torch: the PyTorch LLaMA reference in tests only
+        "pandas==3.1.1"]  # pandas: writes test files exactly as the original Stable Alignment project does
 
 setup(
     name="sajax",

@@ -41,8 +41,8 @@ class OneAtATime(Backend):
     """Every request becomes its own backend call."""
 
     def __init__(self, inner: Backend):
-        super().__init__()
-        self.inner, self.kind, self.name = inner, inner.kind, getattr(inner, "name", inner.kind)
+        super().__init__(name=inner.name)
+        self.inner, self.kind = inner, inner.kind
         self.stats = inner.stats
 
     def generate(self, requests, seed):
@@ -52,13 +52,13 @@ class OneAtATime(Backend):
         return [self.inner.rate([r], seed + i)[0] for i, r in enumerate(requests)]
 
 
-def one_round(cfg, backend, observer, workdir, round_index):
+def one_round(cfg, backend, observer, round_index):
     wc = run.world_config(cfg)
-    models = run.LocalModels(Path(workdir), cfg.seed)
+    models = run.LocalModels(cfg.seed)
     embedder = run.make_embedder(cfg.embedder, models, cfg.backend)
     rng = np.random.default_rng(cfg.seed)
-    society = engine.Society(wc, engine.MemoryConfig(**cfg.memory), run.new_agents(cfg, wc, rng, embedder), rng,
-                             embedder, cfg.seed)
+    agents = run.new_agents(cfg, wc, rng, embedder, run.read_prior(cfg.prior_file))
+    society = engine.Society(wc, engine.MemoryConfig(**cfg.memory), agents, rng, embedder, cfg.seed)
     questions = run.read_questions(cfg.questions_file)
     start = time.perf_counter()
     engine.run_round(society, round_index, questions, backend, observer, wc.num_observers)
@@ -133,12 +133,12 @@ def main():
         variants = {"batched engine": (backend, observer),
                     "agent by agent": (OneAtATime(backend), OneAtATime(observer))}
         for b, o in variants.values():
-            one_round(cfg, b, o, workdir, 1)  # warm-up: the same round, so every shape is compiled once
+            one_round(cfg, b, o, 1)  # warm-up: the same round, so every shape is compiled once
         seconds, calls = {name: [] for name in variants}, {}
         for _ in range(args.repeats):  # alternating, so a slow spell of a shared machine hits both
             for name, (b, o) in variants.items():
                 calls_before = sum(s.calls for x in (backend, observer) for s in x.stats.values())
-                seconds[name].append(one_round(cfg, b, o, workdir, 1))
+                seconds[name].append(one_round(cfg, b, o, 1))
                 calls[name] = sum(s.calls for x in (backend, observer) for s in x.stats.values()) - calls_before
         results = {}
         for name, times in seconds.items():

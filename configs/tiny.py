@@ -24,16 +24,19 @@ def get_config() -> ml_collections.ConfigDict:
     # Alignment data: a TFDS directory (splits train/validation) or a JSON/JSONL release-format file.
     config.data = ml_collections.ConfigDict(dict(
         path="", train_split="train", validation_path="", validation_split="validation",
-        max_len=64, max_prompt_len=32, num_comp=3, read_threads=2))
+        max_len=64, max_prompt_len=32, num_comp=3, read_threads=2,
+        drop_invalid_scores=False))  # True: train without responses whose score is outside 1..rating_scale
     config.train = ml_collections.ConfigDict(dict(
         objective="stable_alignment",  # stable_alignment | sft | rrhf | dpo
         steps=200, batch_size=8, grad_accum_steps=1,  # batch_size: groups per optimizer step
+        epochs=0.0,  # > 0: train this many passes over the data instead of `steps`
         rating_scale=7.0, margin=1.0, ratio=0.2, max_flow=False,  # the score-scaled margin loss
         dpo_beta=0.1,
         loss_chunk_size=64))  # sequence positions per chunk of the output projection + log-softmax
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8,
-        clip_norm=1.0))
+        clip_norm=1.0,
+        warmup_ratio=0.0))  # > 0: warm up over this share of all steps instead of warmup_steps
     config.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=2))
     config.log_every = 10
     config.eval_every = 100  # 0: only at the end

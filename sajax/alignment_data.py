@@ -11,8 +11,8 @@ original Stable Alignment release format: a JSON list (or JSONL) of `{query, res
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import json
 import math
 import os
 import shutil
@@ -85,10 +85,33 @@ def _builder_class():
     return SajaxAlignment
 
 
-def write_tfds(split_records: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | os.PathLike) -> Path:
+def check_output(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """DataError unless `out_dir` may receive a dataset: absent, an empty directory, a dataset written by
+    `write_tfds` (replaced), or anything at all with `overwrite`."""
+    out_dir = Path(out_dir)
+    if overwrite or not out_dir.exists():
+        return
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        return
+    info = out_dir / "dataset_info.json"
+    if out_dir.is_dir() and info.is_file():
+        try:
+            name = fileutil.read_json(info).get("name")
+        except (ValueError, AttributeError):
+            name = None
+        if name == DATASET_NAME:
+            return
+    what = "a file" if not out_dir.is_dir() else "a directory that holds no sajax dataset"
+    raise DataError(f"{out_dir}: exists and is {what}; refusing to replace it (choose another output or pass "
+                    "--overwrite)")
+
+
+def write_tfds(split_records: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | os.PathLike,
+               overwrite: bool = False) -> Path:
     """Writes the records of each split (dicts with the features above) as a TFDS ArrayRecord dataset at
     `out_dir` (the directory `builder_from_directory` opens). Built in a temporary directory and renamed, so an
-    existing `out_dir` is replaced only by a complete dataset."""
+    existing `out_dir` is replaced only by a complete dataset — and only if `check_output` allows it."""
+    check_output(out_dir, overwrite)
     for split, records in split_records.items():
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; expected {SPLITS}")
@@ -126,6 +149,15 @@ def validate_group(record: Mapping[str, Any], where: str, rating_range: tuple[fl
     """Raises DataError naming `where` and the field when a group cannot be trained on: missing or empty
     query/responses, a response that is not a non-empty string, a scores/responses length mismatch, a
     non-finite score, or a score outside `rating_range` (inclusive)."""
+    bad = invalid_scores(record, where, rating_range)
+    if bad:
+        raise DataError(f"{where}: {bad[0][1]}")
+
+
+def invalid_scores(record: Mapping[str, Any], where: str, rating_range: tuple[float, float] | None
+                   ) -> list[tuple[int, str]]:
+    """The responses whose score is not finite or lies outside `rating_range`, as (index, description) pairs;
+    DataError naming `where` and the field for every other defect (see `validate_group`)."""
     for field in ("query", "responses", "scores"):
         if field not in record:
             raise DataError(f"{where}: missing field {field!r}")
@@ -142,12 +174,14 @@ def validate_group(record: Mapping[str, Any], where: str, rating_range: tuple[fl
         raise DataError(f"{where}: field 'scores' must be a list of numbers, got {record['scores']!r:.80}")
     if len(scores) != len(responses):
         raise DataError(f"{where}: {len(responses)} responses but {len(scores)} scores")
+    bad = []
     for k, score in enumerate(scores):
         if not math.isfinite(score):
-            raise DataError(f"{where}: field 'scores[{k}]' is {score}, not a finite number")
-        if rating_range is not None and not rating_range[0] <= score <= rating_range[1]:
-            raise DataError(f"{where}: field 'scores[{k}]' is {score:g}, outside the rating range "
-                            f"{rating_range[0]:g}..{rating_range[1]:g}")
+            bad.append((k, f"field 'scores[{k}]' is {score}, not a finite number"))
+        elif rating_range is not None and not rating_range[0] <= score <= rating_range[1]:
+            bad.append((k, f"field 'scores[{k}]' is {score:g}, outside the rating range "
+                           f"{rating_range[0]:g}..{rating_range[1]:g}"))
+    return bad
 
 
 def _is_numeric_list(value) -> bool:
@@ -157,22 +191,35 @@ def _is_numeric_list(value) -> bool:
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value))
 
 
+@dataclasses.dataclass(frozen=True)
+class Dropped:
+    """What `GroupSource.validate(drop_invalid_scores=True)` left out."""
+
+    responses: int = 0
+    groups: int = 0  # groups left without any response
+
+    def __str__(self) -> str:
+        return f"{self.responses} responses with invalid scores ({self.groups} groups left empty)"
+
+
 class GroupSource:
     """Random access to the groups of one split, as dicts {query: str, responses: [str], scores: float32[K]},
-    from a TFDS directory (`dataset_info.json` inside) or a JSON / JSONL file in the release format."""
+    from a TFDS directory (`dataset_info.json` inside) or a JSON / JSONL file in the release format (a JSON list
+    of objects or one object per line). Every read error names the file."""
 
     def __init__(self, path: str | os.PathLike, split: str = "train"):
         self.path, self.split = Path(path), split
+        self._keep: list[int] | None = None  # record indices after dropping (validate); None: all of them
+        self._drop: dict[int, list[int]] = {}  # record → response indices dropped
         if (self.path / "dataset_info.json").is_file():
-            import tensorflow_datasets as tfds
-
-            builder = tfds.builder_from_directory(str(self.path))
-            if split not in builder.info.splits:
-                raise DataError(f"{self.path}: no split {split!r} (has {sorted(builder.info.splits)})")
-            self._records = builder.as_data_source(split)
-            self._decode = _decode_tfds
+            self._open_tfds()
         elif self.path.is_file() and self.path.suffix in (".json", ".jsonl"):
-            self._records = read_json_records(self.path)
+            try:
+                pairs = fileutil.read_json_records(self.path)
+            except ValueError as e:
+                raise DataError(str(e)) from e
+            self._records = [record for _, record in pairs]
+            self._where = [where for where, _ in pairs]
             self._decode = dict
         elif not self.path.exists():
             raise FileNotFoundError(f"{self.path}: dataset not found")
@@ -180,49 +227,94 @@ class GroupSource:
             raise DataError(f"{self.path}: not a TFDS dataset directory (no dataset_info.json) nor a .json/.jsonl "
                             "file")
 
+    def _open_tfds(self) -> None:
+        import tensorflow_datasets as tfds
+
+        try:
+            builder = tfds.builder_from_directory(str(self.path))
+        except Exception as e:  # protobuf's ParseError, KeyError, … for a damaged dataset_info.json
+            raise DataError(f"{self.path / 'dataset_info.json'}: not a readable TFDS dataset description ({e})") from e
+        if self.split not in builder.info.splits:
+            raise DataError(f"{self.path}: no split {self.split!r} (has {sorted(builder.info.splits)})")
+        info = builder.info.splits[self.split]
+        self._shards = list(zip(np.cumsum(info.shard_lengths).tolist(), info.filenames))  # (end, file name)
+        try:
+            self._records = builder.as_data_source(self.split)
+        except Exception as e:
+            raise DataError(f"{self.path} [{self.split}]: cannot open its ArrayRecord files ({e})") from e
+        self._where = None
+        self._decode = _decode_tfds
+
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._records) if self._keep is None else len(self._keep)
 
     def __getitem__(self, index: int) -> dict:
-        return self._decode(self._records[index])
+        record = index if self._keep is None else self._keep[index]
+        try:
+            group = self._decode(self._records[record])
+        except Exception as e:  # riegeli's RuntimeError for a truncated or corrupted ArrayRecord file, …
+            raise DataError(f"{self._file_of(record)}: cannot read record {record} of split {self.split!r}: the file "
+                            f"is damaged or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                            ) from e
+        drop = self._drop.get(record)
+        if drop:
+            keep = [k for k in range(len(group["responses"])) if k not in drop]
+            group = {**group, "responses": [group["responses"][k] for k in keep],
+                     "scores": np.asarray(group["scores"], np.float32)[keep]}
+        return group
 
-    def where(self, index: int) -> str:
-        name = f"{self.path}" if self.path.is_file() else f"{self.path} [{self.split}]"
-        return f"{name} record {index}"
+    def _file_of(self, record: int) -> Path:
+        if self._where is not None:
+            return self.path
+        return self.path / next(name for end, name in self._shards if record < end)
 
-    def validate(self, rating_range: tuple[float, float]) -> None:
-        """Checks every record (`validate_group`); the first bad one raises DataError naming it."""
+    def where(self, record: int) -> str:
+        """'<file> record i' (or '<file> line n' for JSONL) of the i-th record as stored."""
+        if self._where is not None:
+            return self._where[record]
+        return f"{self.path} [{self.split}] record {record}"
+
+    def validate(self, rating_range: tuple[float, float], drop_invalid_scores: bool = False) -> Dropped:
+        """Checks every record (`invalid_scores`). A structural defect raises DataError naming the first bad
+        record. Scores that are not finite or lie outside `rating_range` raise DataError naming the records
+        that hold them — or, with `drop_invalid_scores`, those responses (and groups left with none) are left
+        out of this source; returns what was dropped."""
+        self._keep, self._drop = None, {}
         if len(self) == 0:
             raise DataError(f"{self.path}: split {self.split!r} has no records")
+        bad: dict[int, list[tuple[int, str]]] = {}
+        emptied = set()
         for i in range(len(self)):
-            validate_group(self[i], self.where(i), rating_range)
+            group = self[i]
+            found = invalid_scores(group, self.where(i), rating_range)
+            if found:
+                bad[i] = found
+                if len(found) == len(group["responses"]):
+                    emptied.add(i)
+        if not bad:
+            return Dropped()
+        if not drop_invalid_scores:
+            listed = "; ".join(f"{self.where(i)}: {found[0][1]}" for i, found in list(bad.items())[:5])
+            more = f" (and {len(bad) - 5} more records)" if len(bad) > 5 else ""
+            raise DataError(f"{listed}{more}. {len(bad)} records hold invalid scores; set data.drop_invalid_scores="
+                            "True to train without those responses")
+        self._drop = {i: [k for k, _ in found] for i, found in bad.items()}
+        self._keep = [i for i in range(len(self._records)) if i not in emptied]
+        if not self._keep:
+            raise DataError(f"{self.path}: split {self.split!r} has no response with a valid score")
+        return Dropped(responses=sum(len(ks) for ks in self._drop.values()), groups=len(emptied))
 
 
 def has_split(path: str | os.PathLike, split: str) -> bool:
     """Whether `path` is a TFDS dataset directory holding `split` (a JSON file holds no named splits)."""
     info = Path(path) / "dataset_info.json"
-    return info.is_file() and any(s.get("name") == split for s in json.loads(info.read_text()).get("splits", []))
+    if not info.is_file():
+        return False
+    description = fileutil.read_json(info)
+    return any(s.get("name") == split for s in description.get("splits", []) if isinstance(s, dict))
 
 
 def _decode_tfds(record) -> dict:
     return {"query": record["query"].decode("utf-8"),
             "responses": [r.decode("utf-8") for r in record["responses"]],
             "scores": np.asarray(record["scores"], np.float32)}
-
-
-def read_json_records(path: Path, fields: str = "{query, responses, scores}") -> list[dict]:
-    """The objects of a JSON list or a JSONL file (one object per line); DataError naming the file or record."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of {fields} records")
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(f"{path} record {i}: expected an object, got {type(record).__name__}")
-    return records

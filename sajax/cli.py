@@ -13,49 +13,19 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
-from importlib import resources
-from pathlib import Path
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sajax import generate, hf, model, sharding, tokenizer
-from sajax.config import LlamaConfig
-
-def bundled_config(name: str) -> str:
-    """Path of configs/<name>: installed as the package `sajax.configs`, or beside `sajax/` in a source
-    checkout."""
-    try:
-        return str(resources.files("sajax.configs").joinpath(name))
-    except ModuleNotFoundError:
-        return str(Path(__file__).resolve().parent.parent / "configs" / name)
-
-
-DEFAULT_CONFIG = bundled_config("tiny.py")
-
+from sajax import checkpoint, generate, loading, sharding
+from sajax.config_files import DEFAULT_CONFIG
 
 def initialize_distributed() -> None:
     """Multi-host runs (TPU pods, GPU clusters) set SAJAX_DISTRIBUTED=1 (see launch/); JAX then finds the
     coordinator from the cluster environment (TPU metadata, SLURM, Open MPI)."""
     if os.environ.get("SAJAX_DISTRIBUTED") == "1":
         jax.distributed.initialize()
-
-
-def load_model_and_tokenizer(cfg, hf_dir: str | None, workdir: str):
-    """(config, params, tokenizer) from a HF directory, or random params of `cfg.model` size with
-    `cfg.tokenizer` or the demo tokenizer (kept in `workdir`)."""
-    if hf_dir:
-        runtime = {k: cfg.model[k] for k in ("dtype", "remat_policy", "scan_layers")}
-        config, params = hf.load_pretrained(hf_dir, param_dtype=cfg.model.param_dtype, **runtime)
-    else:
-        config = LlamaConfig.from_dict(cfg.model)
-        params = model.init_params(config, cfg.seed)
-    tok = tokenizer.load_or_train_demo(hf_dir or cfg.tokenizer, Path(workdir) / "tokenizer", config.vocab_size)
-    if len(tok) > config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens but model.vocab_size is {config.vocab_size}")
-    return config, params, tok
 
 
 _FLAGS = flags.FLAGS
@@ -74,8 +44,7 @@ def _generate() -> None:
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
     initialize_distributed()
     cfg = _FLAGS.config
-    with tempfile.TemporaryDirectory() as workdir:
-        config, params, tok = load_model_and_tokenizer(cfg, _FLAGS.model, workdir)
+    config, params, tok = loading.load_model_and_tokenizer(cfg, _FLAGS.model)
     mesh = sharding.make_mesh(**cfg.mesh)
     params = jax.device_put(params, sharding.param_shardings(config, mesh))
     prompts = list(_FLAGS.prompt or cfg.generate.prompts)
@@ -90,7 +59,7 @@ def _generate() -> None:
 
 
 def generate_main() -> None:
-    _run_app(_generate_main, _define_generate_flags)
+    run_app(_generate_main, _define_generate_flags)
 
 
 def _define_train_flags() -> None:
@@ -100,7 +69,7 @@ def _define_train_flags() -> None:
 
 
 def train_main() -> None:
-    _run_app(_train_main, _define_train_flags)
+    run_app(_train_main, _define_train_flags)
 
 
 def _train_main(argv) -> None:
@@ -111,7 +80,7 @@ def _train_main(argv) -> None:
     initialize_distributed()
     try:
         final = train.run(_FLAGS.config, _FLAGS.workdir)
-    except (ValueError, OSError, train.TrainingError) as e:
+    except (ValueError, OSError, train.TrainingError, checkpoint.CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     if jax.process_index() == 0 and final:
@@ -125,7 +94,7 @@ def _define_export_flags() -> None:
 
 
 def export_main() -> None:
-    _run_app(_export_main, _define_export_flags)
+    run_app(_export_main, _define_export_flags)
 
 
 def _export_main(argv) -> None:
@@ -135,7 +104,7 @@ def _export_main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     try:
         path, step = export.export(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.step)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, checkpoint.CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     print(f"exported step {step} of {_FLAGS.workdir} to {path}")
@@ -150,7 +119,7 @@ def _define_generate_flags() -> None:
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)
 
 
-def _run_app(main, define_flags) -> None:
+def run_app(main, define_flags) -> None:
     """absl app.run with bad flags / `--config.key=value` overrides reported in one line, exit status 2.
     (config_flags applies overrides already when the flag is defined, hence the guard around `define_flags`.)"""
     try:
@@ -162,9 +131,12 @@ def _run_app(main, define_flags) -> None:
 
 def _parse_flags(argv):
     try:
-        return _FLAGS(argv)
+        rest = _FLAGS(argv)
     except _FLAG_ERRORS as e:
         _flag_error(e)
+    if len(rest) > 1:  # every input is a flag: a stray word is a mistake (e.g. a second path after --original)
+        _flag_error(ValueError(f"unexpected arguments {rest[1:]} (every input is a --flag)"))
+    return rest
 
 
 def _flag_error(error: BaseException) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from importlib import resources
 from pathlib import Path
 
 import ml_collections
@@ -23,3 +24,26 @@ def load_module(path: str | os.PathLike):
 def load_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """`get_config()` of the config file at `path`."""
     return load_module(path).get_config()
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """A nested config dict (`json.loads(cfg.to_json())`) as {"section.field": value}."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def bundled_config(name: str) -> str:
+    """Path of configs/<name>: installed as the package `sajax.configs`, or beside `sajax/` in a source
+    checkout."""
+    try:
+        return str(resources.files("sajax.configs").joinpath(name))
+    except ModuleNotFoundError:
+        return str(Path(__file__).resolve().parent.parent / "configs" / name)
+
+
+DEFAULT_CONFIG = bundled_config("tiny.py")  # the embedded default of the CLIs

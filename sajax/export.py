@@ -1,38 +1,45 @@
-"""A training checkpoint → a Hugging Face LLaMA directory (safetensors + config + tokenizer)."""
+"""A training checkpoint → a Hugging Face LLaMA directory (safetensors + config + tokenizer).
+
+Everything it needs is in the workdir (`config.json`, `model_config.json`, `tokenizer/`, `checkpoints/`), so
+a run exports the same after `init_from` or the tokenizer's folder has moved.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import jax
 import ml_collections
 
-from sajax import checkpoint, hf, sharding, tokenizer
+from sajax import checkpoint, fileutil, hf, sharding, tokenizer
 from sajax import train as train_lib
 from sajax import train_step as ts
 
 
 def export(workdir: str, out: str, step: int | None = None) -> tuple[Path, int]:
-    """Writes the params of checkpoint `step` (default: latest) of the run in `workdir` to `out`."""
+    """Writes the params of checkpoint `step` (default: the newest readable one) of the run in `workdir` to
+    `out`. Errors name what is missing or unreadable; nothing is written then."""
     workdir = Path(workdir).absolute()
     config_file = workdir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: not found; is {workdir} a sajax-train workdir?")
-    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    config = train_lib.model_config(cfg)
-    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, every=cfg.checkpoint.every, owner=False)
-    available = list(ckpt.manager.all_steps())
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in available:
-        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint for step {step} (available: {available})")
-    tx = ts.make_optimizer(cfg.optimizer, cfg.train.steps, config)
+    cfg = ml_collections.ConfigDict(fileutil.read_json(config_file))
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{workdir}/checkpoints: not found; the run has saved no checkpoint yet")
+    config = train_lib.model_config(cfg, workdir)
+    tok_dir = workdir / "tokenizer"
+    tok = tokenizer.load_tokenizer(tok_dir if tok_dir.is_dir() else (cfg.tokenizer or cfg.init_from))
+    tx = ts.make_optimizer(cfg.optimizer, 1, config)  # the state's structure; the schedule does not matter
     mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)  # spread over this host's devices, no replication
-    abstract = checkpoint.abstract_like(jax.eval_shape(lambda: train_lib._abstract_state(config, tx)),
-                                        ts.state_shardings(config, tx, mesh))
-    state, _, _ = ckpt.restore(step, abstract)
-    ckpt.close()
-    tok_dir = cfg.tokenizer or cfg.init_from or str(workdir / "tokenizer")
-    tok = tokenizer.load_tokenizer(tok_dir)
+    abstract = ts.abstract_state(config, tx, ts.state_shardings(config, tx, mesh))
+    with checkpoint.Checkpointer(workdir, keep=1, every=1, owner=False) as ckpt:
+        available = ckpt.steps()
+        if not available:
+            raise FileNotFoundError(f"{ckpt.directory}: no checkpoint; the run has saved none yet")
+        if step is None:
+            step, state, _, _ = ckpt.restore_latest(abstract)
+        elif step not in available:
+            raise FileNotFoundError(f"{ckpt.directory}: no checkpoint for step {step} (available: {available})")
+        else:
+            state, _, _ = ckpt.restore(step, abstract)
     path = hf.save_pretrained(config, state.params, out, tokenizer=tok)
     return path, step

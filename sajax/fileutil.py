@@ -1,8 +1,10 @@
-"""Write-then-rename for files and directories: a reader sees the old complete one or the new complete one."""
+"""Files: write-then-rename (a reader sees the old complete file or directory, or the new complete one), and
+JSON / JSONL readers whose errors name the file and the line."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -54,3 +56,52 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Writes `text` to `path` all at once: a reader sees the old content or the new, never a part."""
     with replace_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text of `path`; ValueError naming the file and the line of the first byte that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from e
+
+
+def read_json(path: str | os.PathLike):
+    """The parsed JSON of `path`; ValueError naming the file, line and column where it is broken."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from e
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file; ValueError naming the file and the
+    first broken line."""
+    out = []
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from e
+    return out
+
+
+def read_json_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """The objects of a file holding either one JSON array of objects or JSON Lines (one object per line),
+    told apart by the content, not the file name. Returns (where, object) pairs; `where` names the file and the
+    record ("<file> record 3") or line ("<file> line 4") for error messages. ValueError for anything else."""
+    text = read_text(path)
+    if text.lstrip().startswith("["):
+        values = read_json(path)
+        pairs = [(f"{path} record {i}", value) for i, value in enumerate(values)]
+    else:
+        pairs = [(f"{path} line {n}", value) for n, value in read_jsonl(path)]
+    for where, value in pairs:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    return pairs

@@ -277,7 +277,7 @@ def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, re
     if share_prefixes and len(prompts) > 1:
         prefixes, owner, suffixes = shared_prefixes(prompts)
         width = _round_up(max(len(s) for s in suffixes), 8)
-        padded = lambda rows, length: rows * _round_up(max(length, 1), length_bucket)
+        padded = lambda rows, length: rows * _round_up(max(length, 1), length_bucket)  # noqa: E731
         # worth it when the padded prefix rows + suffix rows hold fewer tokens than the padded prompts
         if padded(len(prefixes), max(map(len, prefixes))) + len(prompts) * width < padded(len(prompts), longest):
             state = _prefill_padded(config, params, prefixes, width + reserve, length_bucket)
@@ -372,22 +372,6 @@ def score_continuations(config: LlamaConfig, params, prompts: Sequence[Sequence[
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
         continuation_mask[i, len(prompt):len(prompt) + len(continuation)] = 1
     return np.asarray(_continuation_logprobs(config, params, ids, mask, continuation_mask))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _last_logprobs(config: LlamaConfig, params, ids, mask):
-    hidden, _ = Llama(config).apply({"params": params}, ids, positions_from_mask(mask), mask, return_hidden=True)
-    last = jnp.take_along_axis(hidden, (jnp.sum(mask, axis=1) - 1)[:, None, None], axis=1)[:, 0]  # [B,D]
-    return jax.nn.log_softmax((last @ output_weights(config, params)).astype(jnp.float32), axis=-1)
-
-
-def next_token_logprobs(config: LlamaConfig, params, prompts: Sequence[Sequence[int]],
-                        length_bucket: int = 32) -> np.ndarray:
-    """log p(next token | prompt) over the vocabulary [N, V]: one forward pass, only the last position of each
-    prompt projected to the vocabulary (for N candidates that differ in one token, N× cheaper than scoring
-    each candidate with `score_continuations`)."""
-    ids, mask = right_pad(prompts, length_bucket)
-    return np.asarray(_last_logprobs(config, params, ids, mask))
 
 
 def generate_text(config: LlamaConfig, params, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Mapping
 
 import jax
 import ml_dtypes
@@ -66,30 +67,39 @@ def _entries(config: LlamaConfig):
     return out
 
 
-def params_from_hf_state(config: LlamaConfig, tensors, source: str = "checkpoint", dtype=None):
-    """Our param tree from a mapping HF name → array (numpy or anything `np.asarray` takes).
-
-    Raises ValueError naming the tensor when one is missing, unexpected or of the wrong shape."""
-    shapes = _expected_hf_shapes(config)
-    names = set(tensors) if not hasattr(tensors, "keys") else set(tensors.keys())
-    names = {n for n in names if not n.endswith(_IGNORED_SUFFIXES)}
+def check_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> None:
+    """Raises ValueError naming the tensor when one that `config` needs is missing, one is unexpected or one has
+    the wrong shape; `shapes` maps HF names to shapes."""
+    expected = _expected_hf_shapes(config)
+    names = {n for n in shapes if not n.endswith(_IGNORED_SUFFIXES)}
     if config.tie_word_embeddings:
         names.discard("lm_head.weight")  # some tied checkpoints store the (identical) head anyway
-    missing, unexpected = sorted(set(shapes) - names), sorted(names - set(shapes))
+    missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
     if missing or unexpected:
         raise ValueError(f"{source}: tensors do not match the config: missing {missing[:5]}"
                          f"{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{' …' if len(unexpected) > 5 else ''}")
+    for name in sorted(names):
+        if tuple(shapes[name]) != expected[name]:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(shapes[name])}, the config implies "
+                             f"{expected[name]}")
+
+
+def params_from_hf_state(config: LlamaConfig, tensors, source: str = "checkpoint", dtype=None):
+    """Our param tree from a mapping HF name → array (numpy or anything `np.asarray` takes).
+
+    Raises ValueError naming the tensor when one is missing, unexpected or of the wrong shape."""
+    if isinstance(tensors, _LazyTensors):
+        check_tensors(config, tensors.shapes(), source)
+    else:
+        check_tensors(config, {name: np.shape(tensors[name]) for name in tensors.keys()}, source)
     target = np.dtype(dtype or _SAFE_DTYPES[config.param_dtype])
     params: dict = {}
     for name, path, to_ours, _ in _entries(config):
-        array = np.asarray(tensors[name])
-        if array.shape != shapes[name]:
-            raise ValueError(f"{source}: tensor {name} has shape {array.shape}, the config implies {shapes[name]}")
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = np.ascontiguousarray(to_ours(array.astype(target)))
+        node[path[-1]] = np.ascontiguousarray(to_ours(np.asarray(tensors[name]).astype(target)))
     if config.scan_layers:
         params = stack_layers(params, config.num_hidden_layers)
     return params
@@ -135,52 +145,71 @@ class _LazyTensors:
     def keys(self):
         return self._files_by_name.keys()
 
-    def __getitem__(self, name):
+    def _handle(self, name):
         path = self._files_by_name[name]
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="numpy")
-        return self._handles[path].get_tensor(name)
+        return self._handles[path]
+
+    def __getitem__(self, name):
+        return self._handle(name).get_tensor(name)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers (no data read)."""
+        return {name: tuple(self._handle(name).get_slice(name).get_shape()) for name in self.keys()}
 
 
-def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> tuple[LlamaConfig, dict]:
-    """(config, params) from a HF LLaMA directory, parameters cast to `param_dtype`. `runtime` sets the other
-    run-time options of `LlamaConfig` (dtype of compute, remat_policy, scan_layers)."""
+def load_config(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> LlamaConfig:
+    """The LlamaConfig of a HF LLaMA directory: `config.json`, plus the end-of-sequence ids of
+    `generation_config.json`; ValueError / FileNotFoundError naming the file that is missing or broken."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: not found; a HF checkpoint directory holds config.json")
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from e
+    hf_config = fileutil.read_json(config_file)
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(hf_config).__name__}")
     config = LlamaConfig.from_hf_dict(hf_config, source=str(config_file), param_dtype=param_dtype, **runtime)
-    config = _with_generation_eos(config, path / "generation_config.json")
+    return _with_generation_eos(config, path / "generation_config.json")
 
+
+def open_tensors(path: str | os.PathLike, config: LlamaConfig) -> _LazyTensors:
+    """The safetensors of a HF directory (`model.safetensors` or the shards of `model.safetensors.index.json`),
+    checked without reading their data: every file present with a complete header, and every tensor `config`
+    needs with the right shape. Errors name the file or the tensor."""
+    path = Path(path)
     index_file, single = path / "model.safetensors.index.json", path / "model.safetensors"
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index_file}: expected JSON with a 'weight_map' ({e})") from e
-        files_by_name = {name: path / shard for name, shard in weight_map.items()}
+        index = fileutil.read_json(index_file)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{index_file}: expected JSON with a 'weight_map' object")
+        files_by_name = {name: path / shard for name, shard in index["weight_map"].items()}
         for shard in sorted(set(files_by_name.values())):
             if not shard.is_file():
                 raise FileNotFoundError(f"{shard}: listed in {index_file.name} but missing")
-            _safetensors_names(shard)  # readable header
+            _safetensors_names(shard)  # a complete header
     elif single.is_file():
         files_by_name = {name: single for name in _safetensors_names(single)}
     else:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 "(PyTorch .bin checkpoints are not read: convert them to safetensors)")
-    params = params_from_hf_state(config, _LazyTensors(files_by_name), source=str(path))
-    return config, params
+    tensors = _LazyTensors(files_by_name)
+    check_tensors(config, tensors.shapes(), str(path))
+    return tensors
+
+
+def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> tuple[LlamaConfig, dict]:
+    """(config, params) from a HF LLaMA directory, parameters cast to `param_dtype`. `runtime` sets the other
+    run-time options of `LlamaConfig` (dtype of compute, remat_policy, scan_layers)."""
+    config = load_config(path, param_dtype, **runtime)
+    return config, params_from_hf_state(config, open_tensors(path, config), source=str(path))
 
 
 def _safetensors_names(file: Path) -> list[str]:
     try:
         with safe_open(str(file), framework="numpy") as f:
             return list(f.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError for a corrupt header
+    except Exception as e:  # safetensors raises its own SafetensorError for a corrupt or truncated file
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
@@ -189,10 +218,10 @@ def _with_generation_eos(config: LlamaConfig, generation_file: Path) -> LlamaCon
     config's, as transformers' generate stops at any of them."""
     if not generation_file.is_file():
         return config
-    try:
-        eos = json.loads(generation_file.read_text()).get("eos_token_id")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{generation_file}: not valid JSON ({e})") from e
+    generation = fileutil.read_json(generation_file)
+    if not isinstance(generation, dict):
+        raise ValueError(f"{generation_file}: expected a JSON object, got {type(generation).__name__}")
+    eos = generation.get("eos_token_id")
     extra = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     merged = tuple(dict.fromkeys(list(config.eos_token_ids) + extra))
     if not merged:

@@ -5,9 +5,7 @@ and marked invalid). Each response becomes one row  [BOS] + prompt tail + respon
 `max_len` tokens: the prompt keeps its *end* (at least `max_prompt_len` tokens of it when the response is
 long), the response keeps its *start*. `loss_mask` marks the response tokens (the prompt is never trained on).
 
-A batch holds, per process, B groups:
-  tokens, loss_mask, attention_mask [B, K, T] int32 · scores [B, K] float32 · valid [B, K] bool ·
-  reference_logp [B, K] float32 (summed log-probs of the initial model; DPO only, else zeros).
+A batch holds, per process, B groups in the layout of `sajax.batch` (reference_logp: zeros unless DPO).
 Order and sampling depend only on the seed and the position in the stream, and the grain iterator's state
 (a small dict) is saved with each checkpoint, so a resumed run sees exactly the batches it would have seen.
 """
@@ -22,10 +20,9 @@ import grain
 import jax
 import numpy as np
 
+from sajax import batch as batch_lib
 from sajax import sharding
 from sajax.alignment_data import GroupSource
-
-BATCH_FIELDS = ("tokens", "loss_mask", "attention_mask", "scores", "valid", "reference_logp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,10 +58,7 @@ class GroupEncoder:
 
     def encode(self, group: dict, chosen: Sequence[int], reference_logp: np.ndarray | None = None) -> dict:
         """Rows for the responses `chosen` (indices into the group's responses), padded to num_comp."""
-        k, t = self.num_comp, self.max_len
-        out = {"tokens": np.full((k, t), self.pad_id, np.int32), "loss_mask": np.zeros((k, t), np.int32),
-               "attention_mask": np.zeros((k, t), np.int32), "scores": np.zeros((k,), np.float32),
-               "valid": np.zeros((k,), bool), "reference_logp": np.zeros((k,), np.float32)}
+        out = batch_lib.empty_group(self.num_comp, self.max_len, self.pad_id)
         prompt = self.tokenizer.encode(group["query"], add_special_tokens=False)
         scores = np.asarray(group["scores"], np.float32)
         eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
@@ -82,7 +76,7 @@ class GroupEncoder:
 
     def empty(self) -> dict:
         """An all-invalid group (pads the last evaluation batch)."""
-        return self.encode({"query": "", "scores": []}, [])
+        return batch_lib.empty_group(self.num_comp, self.max_len, self.pad_id)
 
 
 def sample_responses(num_responses: int, num_comp: int, rng: np.random.Generator) -> list[int]:

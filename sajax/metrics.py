@@ -89,6 +89,12 @@ class MetricsWriter:
             self._tensorboard.add_scalar(name, value, step)
         self._tensorboard.flush()
 
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()

@@ -124,15 +124,3 @@ def activation_rules(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """Activates the model's activation-sharding hints while tracing: `with activation_rules(mesh): jit(...)`."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         yield
-
-
-def describe(shardings, params=None) -> str:
-    """A readable table: parameter path, shape, PartitionSpec."""
-    lines = []
-    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-    shapes = dict(jax.tree_util.tree_flatten_with_path(params)[0]) if params is not None else {}
-    for path, sharding in flat:
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        shape = tuple(shapes[path].shape) if path in shapes else ""
-        lines.append(f"{name:60s} {str(shape):20s} {sharding.spec}")
-    return "\n".join(lines)

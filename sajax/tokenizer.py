@@ -8,6 +8,7 @@ split) plus a `<pad>` piece (id 3), saved with transformers' files next to `toke
 from __future__ import annotations
 
 import os
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -31,12 +32,19 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: tokenizer directory not found")
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    elif (path / "tokenizer.model").is_file():
-        tokenizer = transformers.LlamaTokenizer.from_pretrained(str(path), add_bos_token=True, local_files_only=True)
-    else:
+    json_files = [path / name for name in ("tokenizer.json", "tokenizer_config.json") if (path / name).is_file()]
+    if not json_files and not (path / "tokenizer.model").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer_config.json or tokenizer.model")
+    for file in json_files:
+        fileutil.read_json(file)  # a broken file is named, not reported as a transformers traceback
+    try:
+        if json_files:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        else:
+            tokenizer = transformers.LlamaTokenizer.from_pretrained(str(path), add_bos_token=True,
+                                                                    local_files_only=True)
+    except Exception as e:  # tokenizers' and sentencepiece's own exception types for a damaged file
+        raise ValueError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0] if str(e) else e!r})") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -61,15 +69,11 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     return load_tokenizer(out_dir)
 
 
-def load_or_train_demo(directory: str | os.PathLike | None, demo_dir: str | os.PathLike,
-                       vocab_size: int) -> transformers.PreTrainedTokenizerBase:
-    """The tokenizer in `directory` if one is given; else the offline demo tokenizer kept in `demo_dir`, trained
-    there the first time (so a resumed run reuses it)."""
-    if directory:
-        return load_tokenizer(directory)
-    if not Path(demo_dir).exists():
-        train_tokenizer(demo_corpus(), demo_dir, vocab_size=vocab_size)
-    return load_tokenizer(demo_dir)
+def demo_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerBase:
+    """The offline demo tokenizer (trained on `demo_corpus()`; deterministic, so the same on every call and
+    machine), trained in a temporary directory: nothing is written where the caller works."""
+    with tempfile.TemporaryDirectory(prefix="sajax-tokenizer-") as scratch:
+        return train_tokenizer(demo_corpus(), Path(scratch) / "tokenizer", vocab_size=vocab_size)
 
 
 def _train_sentencepiece(lines: list[str], directory: Path, vocab_size: int) -> None:

@@ -1,25 +1,38 @@
-"""The training run: set-up from a config, auto-resume, the step loop, checkpoints, metrics and evaluation.
+"""The training run: checks, set-up, auto-resume, the step loop, checkpoints, metrics and evaluation.
 
-`run(cfg, workdir)` is what `sajax-train` calls. A workdir holds everything a run needs to continue after a
-crash: `config.json`, `tokenizer/`, `checkpoints/<step>/` (train state + data-iterator state + metadata),
-`reference_logp.npz` (DPO), `metrics.jsonl` and `tensorboard/`. Starting again with the same workdir resumes
-from the latest checkpoint and reproduces the uninterrupted run exactly.
+`run(cfg, workdir)` is what `sajax-train` calls. It first checks everything the run needs — the config, an
+existing workdir's configuration, the model (`init_from`: config and every tensor's shape), the tokenizer against
+the vocabulary, the mesh, every data record, DPO's stored reference log-probs — and writes nothing until all of
+that passes: a rejected start leaves the workdir as it was, so the corrected command can use it.
+
+A workdir holds everything a run needs to continue after a crash and to be exported, even once `init_from` or
+the tokenizer's folder has moved: `config.json`, `model_config.json` (the architecture), `tokenizer/`,
+`checkpoints/<step>/` (train state + data-iterator state + metadata), `reference_logp.npz` (DPO),
+`metrics.jsonl`, `tensorboard/` and `eval.json`. Starting again with the same workdir resumes from the newest
+readable checkpoint and reproduces the uninterrupted run exactly, metrics included.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from sajax import alignment_data, checkpoint, demo_data, fileutil, hf, input_pipeline, model, sharding, tokenizer
+from sajax import alignment_data, checkpoint, config_files, demo_data, fileutil, hf, input_pipeline, loading
+from sajax import model, sharding
 from sajax import metrics as metrics_lib
 from sajax import reference as reference_lib
+from sajax import tokenizer as tokenizer_lib
 from sajax import train_step as ts
 from sajax.config import LlamaConfig
 from sajax.losses import OBJECTIVES
@@ -27,10 +40,13 @@ from sajax.losses import OBJECTIVES
 # Config sections that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_max_batches", "checkpoint", "peak_flops", "mesh", "generate",
                      "data.read_threads")
+MODEL_CONFIG = "model_config.json"  # the architecture, as a HF config.json, kept in the workdir
+DEMO_DATASET = "demo_dataset"
 
 
 class TrainingError(RuntimeError):
-    """The run cannot continue (diverged, or the workdir belongs to another configuration)."""
+    """The run cannot continue (diverged, no readable checkpoint, or the workdir belongs to another
+    configuration)."""
 
 
 def check_config(cfg) -> None:
@@ -38,9 +54,13 @@ def check_config(cfg) -> None:
     train = cfg.train
     if train.objective not in OBJECTIVES:
         raise ValueError(f"train.objective must be one of {OBJECTIVES}, got {train.objective!r}")
-    for name in ("steps", "batch_size", "grad_accum_steps", "loss_chunk_size"):
+    for name in ("batch_size", "grad_accum_steps", "loss_chunk_size"):
         if train[name] < 1:
             raise ValueError(f"train.{name} must be >= 1, got {train[name]}")
+    if train.epochs < 0 or (train.epochs == 0 and train.steps < 1):
+        raise ValueError(f"set train.steps >= 1 (got {train.steps}) or train.epochs > 0 (got {train.epochs})")
+    if not 0 <= cfg.optimizer.warmup_ratio < 1:
+        raise ValueError(f"optimizer.warmup_ratio must be in [0, 1), got {cfg.optimizer.warmup_ratio}")
     if train.batch_size % (train.grad_accum_steps * jax.process_count()):
         raise ValueError(f"train.batch_size ({train.batch_size}) must be divisible by train.grad_accum_steps "
                          f"({train.grad_accum_steps}) × processes ({jax.process_count()})")
@@ -51,68 +71,171 @@ def check_config(cfg) -> None:
                          f"{cfg.checkpoint.keep}")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _config_dict(cfg) -> dict:
     return json.loads(cfg.to_json())
 
 
-def _check_same_run(saved: dict, current: dict, path: Path) -> None:
-    saved, current = _flatten(saved), _flatten(current)
+def check_same_run(cfg, workdir: Path) -> None:
+    """TrainingError when `workdir` holds a run made with another configuration (beyond RESUMABLE_CHANGES). A
+    field the saved config lacks (added by a later sajax) counts as unchanged at the embedded default's value."""
+    config_file = workdir / "config.json"
+    if not config_file.exists():
+        return
+    saved = fileutil.read_json(config_file)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(saved).__name__}")
+    saved, current = config_files.flatten(saved), config_files.flatten(_config_dict(cfg))
+    defaults = config_files.flatten(_config_dict(config_files.load_config(config_files.DEFAULT_CONFIG)))
+    for key in set(current) - set(saved):
+        if key in defaults:
+            saved[key] = defaults[key]
     changed = [key for key in sorted(set(saved) | set(current))
                if not key.startswith(RESUMABLE_CHANGES) and saved.get(key) != current.get(key)]
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in changed[:5])
-        raise TrainingError(f"{path} was written by a run with another configuration ({details}); use a new "
-                            "--workdir, or the same config to resume")
+        raise TrainingError(f"{config_file} was written by a run with another configuration ({details}); use a "
+                            "new --workdir, or the same config to resume")
 
 
-def prepare_workdir(cfg, workdir: Path) -> None:
-    """Creates the workdir with config.json, or checks that an existing one was made with this config."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_file = workdir / "config.json"
-    current = _config_dict(cfg)
-    if config_file.exists():
-        _check_same_run(json.loads(config_file.read_text()), current, config_file)
-    if jax.process_index() == 0:
-        fileutil.write_text(config_file, json.dumps(current, indent=2) + "\n")
+def model_config(cfg, workdir: Path | None = None) -> LlamaConfig:
+    """The architecture: the workdir's `model_config.json` once a run has started there; else `init_from`'s
+    config (and generation config), else `cfg.model`. Run-time options always come from `cfg.model`."""
+    runtime = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat_policy", "scan_layers")}
+    saved = None if workdir is None else workdir / MODEL_CONFIG
+    if saved is not None and saved.is_file():
+        hf_config = fileutil.read_json(saved)
+        if not isinstance(hf_config, dict):
+            raise ValueError(f"{saved}: expected a JSON object, got {type(hf_config).__name__}")
+        return LlamaConfig.from_hf_dict(hf_config, source=str(saved), **runtime)
+    if cfg.init_from:
+        return hf.load_config(cfg.init_from, **runtime)
+    return LlamaConfig.from_dict(cfg.model)
 
 
-def data_sources(cfg, workdir: Path):
-    """(train, validation or None) GroupSources, validated; '' = the synthetic demo dataset in the workdir."""
+def _has_checkpoints(workdir: Path) -> bool:
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, checked; `commit` then writes what the workdir lacks."""
+
+    cfg: object
+    workdir: Path
+    config: LlamaConfig
+    tokenizer: object
+    mesh: jax.sharding.Mesh
+    steps: int  # optimizer steps of the whole run (train.steps, or from train.epochs and the data)
+    tx: object
+    schedule: object
+    shardings: ts.TrainState
+    encoder: input_pipeline.GroupEncoder
+    sources: list  # [train, validation or None]; empty until `commit` while the demo dataset is unwritten
+    demo_records: dict | None  # the synthetic demo dataset to write into the workdir
+    reference: list | None  # DPO reference log-probs found in the workdir (checked), else None
+
+
+def prepare(cfg, workdir: Path) -> Setup:
+    """Every check of a start, in the order a user would fix them; reads, never writes."""
+    check_config(cfg)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"{workdir}: exists and is not a directory")
+    check_same_run(cfg, workdir)
+    config = model_config(cfg, workdir)
+    tok = _tokenizer(cfg, workdir, config)
+    loading.check_vocabulary(tok, config)
+    encoder = input_pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp)
+
+    mesh = sharding.make_mesh(**cfg.mesh)
+    micro_batch = cfg.train.batch_size // cfg.train.grad_accum_steps
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro_batch % batch_ways:
+        raise ValueError(f"train.batch_size / grad_accum_steps = {micro_batch} groups must be divisible by "
+                         f"mesh data × fsdp = {batch_ways}")
+    sharding.param_shardings(config, mesh)  # every parameter divisible by its mesh axes
+
+    sources, demo = _data(cfg, workdir)
+    steps = total_steps(cfg, len(sources[0]) if sources else len(demo["train"]))
+    schedule = ts.learning_rate_schedule(cfg.optimizer, steps)
+    tx = ts.make_optimizer(cfg.optimizer, steps, config)
+    shardings = ts.state_shardings(config, tx, mesh)
+    if cfg.init_from and not _has_checkpoints(workdir):
+        hf.open_tensors(cfg.init_from, config)  # files complete, every tensor there with its shape
+    reference = None
+    reference_file = workdir / reference_lib.FILE
+    if cfg.train.objective == "dpo" and reference_file.exists():
+        reference = reference_lib.load(reference_file, [s for s in sources if s is not None])
+    return Setup(cfg, workdir, config, tok, mesh, steps, tx, schedule, shardings, encoder, sources, demo,
+                 reference)
+
+
+def total_steps(cfg, train_groups: int) -> int:
+    """`train.steps`, or with `train.epochs` > 0, ⌈epochs · groups / batch_size⌉ (at least 1)."""
+    if cfg.train.epochs > 0:
+        return max(1, math.ceil(cfg.train.epochs * train_groups / cfg.train.batch_size))
+    return cfg.train.steps
+
+
+def _tokenizer(cfg, workdir: Path, config: LlamaConfig):
+    """The workdir's copy once a run has started there; else `cfg.tokenizer`, `init_from`'s, or the demo one."""
+    if (workdir / "tokenizer").is_dir():
+        return tokenizer_lib.load_tokenizer(workdir / "tokenizer")
+    if cfg.tokenizer or cfg.init_from:
+        return tokenizer_lib.load_tokenizer(cfg.tokenizer or cfg.init_from)
+    return tokenizer_lib.demo_tokenizer(config.vocab_size)
+
+
+def _data(cfg, workdir: Path) -> tuple[list, dict | None]:
+    """([train source, validation source or None], None), every record checked; or ([], records) for the
+    synthetic demo dataset when `data.path` is empty and the workdir has none yet."""
     path = cfg.data.path
     if not path:
-        path = workdir / "demo_dataset"
+        path = workdir / DEMO_DATASET
         if not path.exists():
-            alignment_data.write_tfds({"train": demo_data.synthetic_groups(512, seed=0),
-                                       "validation": demo_data.synthetic_groups(64, seed=1)}, path)
-    rating_range = (1.0, float(cfg.train.rating_scale))
-    train = alignment_data.GroupSource(path, cfg.data.train_split)
-    train.validate(rating_range)
+            records = {"train": demo_data.synthetic_groups(512, seed=0),
+                       "validation": demo_data.synthetic_groups(64, seed=1)}
+            for split, groups in records.items():
+                for i, group in enumerate(groups):
+                    alignment_data.validate_group(group, f"demo {split} record {i}", (1.0, cfg.train.rating_scale))
+            return [], records
+    train = _checked_source(cfg, path, cfg.data.train_split)
     if not cfg.data.validation_path and not alignment_data.has_split(path, cfg.data.validation_split):
-        return train, None  # no held-out data: no evaluation
-    validation = alignment_data.GroupSource(cfg.data.validation_path or path, cfg.data.validation_split)
-    validation.validate(rating_range)
-    return train, validation
+        return [train, None], None  # no held-out data: no evaluation
+    return [train, _checked_source(cfg, cfg.data.validation_path or path, cfg.data.validation_split)], None
 
 
-def model_config(cfg) -> LlamaConfig:
-    if not cfg.init_from:
-        return LlamaConfig.from_dict(cfg.model)
-    config_file = Path(cfg.init_from) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: not found; init_from must be a HF LLaMA directory")
-    hf_config = json.loads(config_file.read_text())
-    runtime = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat_policy", "scan_layers")}
-    return LlamaConfig.from_hf_dict(hf_config, source=f"{cfg.init_from}/config.json", **runtime)
+def _checked_source(cfg, path, split) -> alignment_data.GroupSource:
+    source = alignment_data.GroupSource(path, split)
+    dropped = source.validate((1.0, float(cfg.train.rating_scale)), cfg.data.drop_invalid_scores)
+    if dropped.responses:
+        if jax.process_index() == 0:
+            sys.stderr.write(f"warning: {path} [{split}]: dropped {dropped} (data.drop_invalid_scores)\n")
+    return source
+
+
+def commit(setup: Setup) -> None:
+    """Writes what the workdir lacks — config.json (always refreshed: resumable fields may change),
+    model_config.json, tokenizer/, the demo dataset — then reopens the tokenizer (and demo data) from there, so
+    a first run and its resumption read the same files."""
+    workdir, cfg = setup.workdir, setup.cfg
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fileutil.write_text(workdir / "config.json", json.dumps(_config_dict(cfg), indent=2) + "\n")
+        if not (workdir / MODEL_CONFIG).exists():
+            fileutil.write_text(workdir / MODEL_CONFIG, json.dumps(setup.config.to_hf_dict(), indent=2) + "\n")
+        if not (workdir / "tokenizer").exists():
+            with fileutil.replace_directory(workdir / "tokenizer") as tmp:
+                setup.tokenizer.save_pretrained(str(tmp))
+        if setup.demo_records is not None:
+            alignment_data.write_tfds(setup.demo_records, workdir / DEMO_DATASET)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("sajax: workdir committed")
+    setup.tokenizer = tokenizer_lib.load_tokenizer(workdir / "tokenizer")
+    setup.encoder = dataclasses.replace(setup.encoder, tokenizer=setup.tokenizer)
+    if setup.demo_records is not None:
+        setup.sources, _ = _data(cfg, workdir)
+        setup.demo_records = None
 
 
 def initial_params(cfg, config: LlamaConfig, params_sharding):
@@ -126,68 +249,50 @@ def initial_params(cfg, config: LlamaConfig, params_sharding):
 
 def run(cfg, workdir: str | os.PathLike) -> dict:
     """Trains (or resumes) and returns the final evaluation metrics (empty without a validation split)."""
-    check_config(cfg)
-    workdir = Path(workdir).absolute()
-    config = model_config(cfg)
-    prepare_workdir(cfg, workdir)
-    tok = tokenizer.load_or_train_demo(cfg.tokenizer or cfg.init_from, workdir / "tokenizer", config.vocab_size)
-    if len(tok) > config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens but model.vocab_size is {config.vocab_size}")
-    train_source, validation_source = data_sources(cfg, workdir)
-    encoder = input_pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp)
+    setup = prepare(cfg, Path(workdir).absolute())
+    commit(setup)
+    return _train(setup)
 
-    mesh = sharding.make_mesh(**cfg.mesh)
+
+def _train(setup: Setup) -> dict:
+    cfg, workdir, config, mesh, tx, shardings = (setup.cfg, setup.workdir, setup.config, setup.mesh, setup.tx,
+                                                 setup.shardings)
+    train_source, validation_source = setup.sources
     micro_batch = cfg.train.batch_size // cfg.train.grad_accum_steps
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro_batch % batch_ways:
-        raise ValueError(f"train.batch_size / grad_accum_steps = {micro_batch} groups must be divisible by "
-                         f"mesh data × fsdp = {batch_ways}")
-    schedule = ts.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    tx = ts.make_optimizer(cfg.optimizer, cfg.train.steps, config)
-    shardings = ts.state_shardings(config, tx, mesh)
-    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, every=cfg.checkpoint.every)
-    latest = ckpt.latest_step()
-
-    with sharding.activation_rules(mesh):
-        train_step = ts.make_train_step(config, cfg.train, tx, schedule, mesh, shardings)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sharding.activation_rules(mesh))
+        ckpt = stack.enter_context(checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep,
+                                                           every=cfg.checkpoint.every))
+        train_step = ts.make_train_step(config, cfg.train, tx, setup.schedule, mesh, shardings)
         eval_step = ts.make_eval_step(config, cfg.train.loss_chunk_size, mesh, shardings.params)
-        reference = None
-        if cfg.train.objective == "dpo":  # log-probs of the *initial* model, computed once and kept on disk
-            reference = reference_lib.load_or_compute(
-                workdir / "reference_logp.npz", lambda: initial_params(cfg, config, shardings.params), config,
-                encoder, [train_source] + ([validation_source] if validation_source else []), mesh,
-                batch_size=micro_batch, chunk_size=cfg.train.loss_chunk_size)
+        reference = setup.reference
+        if cfg.train.objective == "dpo" and reference is None:  # log-probs of the *initial* model, once
+            reference = reference_lib.compute_and_save(
+                workdir / reference_lib.FILE, initial_params(cfg, config, shardings.params), config,
+                setup.encoder, [s for s in setup.sources if s is not None], mesh, batch_size=micro_batch,
+                chunk_size=cfg.train.loss_chunk_size)
         data = input_pipeline.train_dataset(
-            train_source, encoder, batch_size=cfg.train.batch_size // jax.process_count(), seed=cfg.seed,
+            train_source, setup.encoder, batch_size=cfg.train.batch_size // jax.process_count(), seed=cfg.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
             reference=None if reference is None else reference[0], read_threads=cfg.data.read_threads)
         iterator = iter(data)
-        if latest is None:
-            params = initial_params(cfg, config, shardings.params)
-            state = jax.jit(lambda p: ts.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p,
-                                                    opt_state=tx.init(p)), out_shardings=shardings)(params)
-            del params
-        else:
-            abstract = checkpoint.abstract_like(jax.eval_shape(lambda: _abstract_state(config, tx)), shardings)
-            state, data_state, _ = ckpt.restore(latest, abstract)
-            iterator.set_state(data_state)
-        start = int(state.step)
-        writer = metrics_lib.MetricsWriter(workdir, start_step=start)
-        evaluate = _evaluator(eval_step, validation_source, encoder, cfg, mesh, micro_batch,
-                              None if reference is None else reference[1])
         try:
-            final = _loop(cfg, state, iterator, train_step, evaluate, ckpt, writer, start, config, mesh, workdir)
-        finally:
-            ckpt.wait()
-            ckpt.close()
-            writer.close()
-    return final
-
-
-def _abstract_state(config, tx):
-    params = model.param_shapes(config)
-    return ts.TrainState(step=jax.ShapeDtypeStruct((), jax.numpy.int32), params=params,
-                         opt_state=jax.eval_shape(tx.init, params))
+            restored = ckpt.restore_latest(ts.abstract_state(config, tx, shardings))
+        except checkpoint.CheckpointError as e:
+            raise TrainingError(f"{e}; move the broken checkpoints out of {ckpt.directory} to start again from "
+                                "the last readable one (or from scratch)") from e
+        log_window = []
+        if restored is None:
+            state = ts.init_state(initial_params(cfg, config, shardings.params), tx, shardings)
+        else:
+            _, state, data_state, meta = restored
+            iterator.set_state(data_state)
+            log_window = meta.get("log_window", [])
+        start = int(state.step)
+        writer = stack.enter_context(metrics_lib.MetricsWriter(workdir, start_step=start))
+        evaluate = _evaluator(eval_step, validation_source, setup.encoder, cfg, mesh, micro_batch,
+                              None if reference is None else reference[1])
+        return _loop(setup, state, iterator, train_step, evaluate, ckpt, writer, start, log_window)
 
 
 def _evaluator(eval_step, source, encoder, cfg, mesh, batch_size, reference):
@@ -204,20 +309,22 @@ def _evaluator(eval_step, source, encoder, cfg, mesh, batch_size, reference):
             out = eval_step(params, input_pipeline.to_global(batch, mesh))
             sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
         sums = jax.device_get(sums)
-        return {"ranking_accuracy": float(sums["correct_pairs"] / max(sums["ranked_pairs"], 1)),
-                "best_response_nll": float(sums["best_nll_sum"] / max(sums["groups"], 1)),
-                "groups": float(sums["groups"])}
+        return {"ranking_accuracy": float(sums["ranking_accuracy"].value),
+                "best_response_nll": float(sums["best_response_nll"].value),
+                "groups": float(sums["best_response_nll"].count)}
     return evaluate
 
 
-def _loop(cfg, state, iterator, train_step, evaluate, ckpt, writer, start, config, mesh, workdir):
-    steps = cfg.train.steps
+def _loop(setup: Setup, state, iterator, train_step, evaluate, ckpt, writer, start, log_window):
+    """Steps start+1 … setup.steps. `log_window`: the metrics of the steps since the last log line (saved with
+    each checkpoint, so a run resumed between two log steps logs the same means as an uninterrupted one)."""
+    cfg, config, mesh, workdir, steps = setup.cfg, setup.config, setup.mesh, setup.workdir, setup.steps
     tokens_per_step = cfg.train.batch_size * cfg.data.num_comp * cfg.data.max_len
     flops_per_step = metrics_lib.train_flops_per_token(config, cfg.data.max_len) * tokens_per_step
     peak = metrics_lib.peak_flops_per_device(cfg.peak_flops)
     peak_total = None if peak is None else peak * jax.device_count()
     finite = jax.numpy.bool_(True)
-    pending, last_time, last_step = [], time.perf_counter(), start
+    pending, last_time, last_step = list(log_window), time.perf_counter(), start
     meta = {"model": config.to_hf_dict(), "seed": cfg.seed}
     bar = tqdm(total=steps, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
 
@@ -227,6 +334,9 @@ def _loop(cfg, state, iterator, train_step, evaluate, ckpt, writer, start, confi
             raise TrainingError(f"non-finite loss or gradient at or before step {step}; stopped without saving. "
                                 f"Last good checkpoint: {good if good is not None else 'none'} in {workdir}")
 
+    def window() -> list[dict[str, float]]:
+        return [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
+
     for step in range(start + 1, steps + 1):
         batch = input_pipeline.to_global(next(iterator), mesh)
         state, step_metrics = train_step(state, batch)
@@ -235,7 +345,8 @@ def _loop(cfg, state, iterator, train_step, evaluate, ckpt, writer, start, confi
         if step % cfg.log_every == 0 or step == steps:
             guard(step)
             now = time.perf_counter()
-            scalars = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+            logged = window()
+            scalars = {k: float(np.mean([m[k] for m in logged], dtype=np.float64)) for k in logged[-1]}
             rate = tokens_per_step * (step - last_step) / (now - last_time)
             scalars["tokens_per_second"] = rate
             if peak_total:
@@ -249,7 +360,8 @@ def _loop(cfg, state, iterator, train_step, evaluate, ckpt, writer, start, confi
             last_time = time.perf_counter()
         if step % cfg.checkpoint.every == 0 or step == steps:
             guard(step)
-            ckpt.save(step, state, iterator.get_state(), {**meta, "step": step}, force=step == steps)
+            ckpt.save(step, state, iterator.get_state(), {**meta, "step": step, "log_window": window()},
+                      force=step == steps)
         bar.update(1)
     bar.close()
     final = evaluate(state.params)

@@ -8,6 +8,7 @@ leaves the devices, the batch arrives split over (data, fsdp), and the updated s
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.struct
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sajax import batch as batch_lib
 from sajax import losses, model, sharding
 from sajax.config import LlamaConfig
 
@@ -40,7 +42,11 @@ def make_optimizer(opt_cfg, total_steps: int, config: LlamaConfig) -> optax.Grad
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
-    warmup = min(opt_cfg.warmup_steps, max(total_steps - 1, 0))
+    """Linear warmup over `warmup_steps` (or ⌈warmup_ratio · total_steps⌉ when warmup_ratio > 0, as in HF
+    Trainer), then cosine decay to `learning_rate · min_lr_ratio` at `total_steps`."""
+    ratio = opt_cfg.get("warmup_ratio", 0.0)
+    warmup = math.ceil(ratio * total_steps) if ratio > 0 else opt_cfg.warmup_steps
+    warmup = min(warmup, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=opt_cfg.learning_rate, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=opt_cfg.learning_rate * opt_cfg.min_lr_ratio)
@@ -52,19 +58,35 @@ def state_shardings(config: LlamaConfig, tx, mesh):
                       opt_state=sharding.opt_state_shardings(tx, model.param_shapes(config), params_sh, mesh))
 
 
-def response_nll(config: LlamaConfig, params, batch: dict, chunk_size: int) -> losses.ResponseNLL:
-    """Per-response NLL [B, K] of a batch whose token arrays are [B, K, T]."""
+def init_state(params, tx, shardings: TrainState) -> TrainState:
+    """Step 0: the given parameters and a fresh optimizer state, laid out as `shardings`."""
+    return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                   out_shardings=shardings)(params)
+
+
+def abstract_state(config: LlamaConfig, tx, shardings: TrainState | None = None) -> TrainState:
+    """The train state's shapes and dtypes (with `shardings`, the target of a checkpoint restore)."""
+    params = model.param_shapes(config)
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                       opt_state=jax.eval_shape(tx.init, params))
+    if shardings is None:
+        return state
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def response_nll(config: LlamaConfig, params, batch: dict, chunk_size: int) -> losses.Ratio:
+    """Per-response NLL sums and token counts [B, K] of a batch whose token arrays are [B, K, T]."""
     b, k, t = batch["tokens"].shape
     flat = lambda x: x.reshape(b * k, t)  # noqa: E731
     hidden = model.hidden_states(config, params, flat(batch["tokens"]), flat(batch["attention_mask"]))
     nll = losses.response_token_nll(hidden, model.output_weights(config, params), flat(batch["tokens"]),
                                     flat(batch["loss_mask"]), chunk_size)
-    return losses.ResponseNLL(nll.total.reshape(b, k), nll.count.reshape(b, k))
+    return losses.Ratio(nll.total.reshape(b, k), nll.count.reshape(b, k))
 
 
-def batch_loss(params, batch: dict, *, config: LlamaConfig, train_cfg) -> tuple[jax.Array, dict]:
+def loss_sums(params, batch: dict, *, config: LlamaConfig, train_cfg) -> losses.LossSums:
     nll = response_nll(config, params, batch, train_cfg.loss_chunk_size)
-    return losses.objective_loss(
+    return losses.objective(
         train_cfg.objective, nll, batch["scores"], batch["valid"], batch["reference_logp"],
         rating_scale=train_cfg.rating_scale, margin=train_cfg.margin, ratio=train_cfg.ratio,
         max_flow=train_cfg.max_flow, dpo_beta=train_cfg.dpo_beta)
@@ -76,55 +98,55 @@ def _split_microbatches(batch: dict, count: int) -> dict:
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1), batch)
 
 
-def train_step(state: TrainState, batch: dict, *, config: LlamaConfig, train_cfg, tx, schedule):
-    """One optimizer update from `grad_accum_steps` micro-batches (gradients averaged with a scan)."""
-    grad_fn = jax.value_and_grad(functools.partial(batch_loss, config=config, train_cfg=train_cfg), has_aux=True)
+def accumulated_gradients(params, batch: dict, *, config: LlamaConfig, train_cfg) -> tuple[Any, losses.LossSums]:
+    """The gradient of the whole batch's mean loss, computed over `grad_accum_steps` micro-batches m:
+
+        ∇L = Σ_m ∇(Σ_{units u in m} L_u) / Σ_m |units in m|
+
+    (a scan sums the micro-batches' loss totals' gradients and the sums; one division at the end), so any split
+    gives the gradient of one big batch, whichever groups, padding and DPO pairs each micro-batch holds."""
+    def total(p, microbatch):
+        sums = loss_sums(p, microbatch, config=config, train_cfg=train_cfg)
+        return sums.loss.total, sums
+
+    grad_fn = jax.grad(total, has_aux=True)
     micro = _split_microbatches(batch, train_cfg.grad_accum_steps)
 
     def accumulate(carry, microbatch):
-        grads_sum, metrics_sum = carry
-        (loss, aux), grads = grad_fn(state.params, microbatch)
-        metrics = {"loss": loss, **aux}
-        return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
+        return jax.tree.map(jnp.add, carry, grad_fn(params, microbatch)), None
 
-    zeros_grads = jax.tree.map(jnp.zeros_like, state.params)
-    first = jax.tree.map(lambda x: x[0], micro)
-    metric_shapes = jax.eval_shape(lambda: {"loss": 0.0, **grad_fn(state.params, first)[0][1]})
-    zeros_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), metric_shapes)
-    (grads, metrics), _ = jax.lax.scan(accumulate, (zeros_grads, zeros_metrics), micro)
-    scale = 1.0 / train_cfg.grad_accum_steps
-    grads = jax.tree.map(lambda g: g * scale, grads)
-    metrics = jax.tree.map(lambda m: m * scale, metrics)
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
+    units = jnp.maximum(sums.loss.count, 1)
+    return jax.tree.map(lambda g: (g / units).astype(g.dtype), grads), sums
+
+
+def train_step(state: TrainState, batch: dict, *, config: LlamaConfig, train_cfg, tx, schedule):
+    """One optimizer update from `accumulated_gradients`; metrics: the loss and the objective's metrics over the
+    whole batch, the gradient's global norm and the learning rate of this step."""
+    grads, sums = accumulated_gradients(state.params, batch, config=config, train_cfg=train_cfg)
+    loss, metrics = losses.reduce(sums)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def make_train_step(config: LlamaConfig, train_cfg, tx, schedule, mesh, shardings: TrainState):
     step = functools.partial(train_step, config=config, train_cfg=train_cfg, tx=tx, schedule=schedule)
-    batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in _BATCH_NDIM.items()}
-    return jax.jit(step, in_shardings=(shardings, batch_sh), out_shardings=(shardings, sharding.replicated(mesh)),
-                   donate_argnums=0)
+    return jax.jit(step, in_shardings=(shardings, batch_lib.shardings(mesh)),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-_BATCH_NDIM = {"tokens": 3, "loss_mask": 3, "attention_mask": 3, "scores": 2, "valid": 2, "reference_logp": 2}
-
-
-def eval_step(params, batch: dict, *, config: LlamaConfig, chunk_size: int) -> dict:
-    """Sums over a batch: correctly ranked pairs, ranked pairs, best-response NLL and groups."""
-    nll = response_nll(config, params, batch, chunk_size).mean
-    scores, valid = batch["scores"], batch["valid"]
-    ranking = losses.ranking_metrics(nll, scores, valid)
-    best = losses.best_index(scores, valid)
-    group = jnp.any(valid, axis=-1)
-    best_nll = jnp.take_along_axis(nll, best[:, None], axis=-1)[:, 0]
-    return {"correct_pairs": ranking["ranking_accuracy"] * ranking["ranked_pairs"],
-            "ranked_pairs": ranking["ranked_pairs"].astype(jnp.float32),
-            "best_nll_sum": jnp.sum(jnp.where(group, best_nll, 0.0)), "groups": jnp.sum(group).astype(jnp.float32)}
+def eval_sums(params, batch: dict, *, config: LlamaConfig, chunk_size: int) -> dict[str, losses.Ratio]:
+    """Sums over a batch (add them over batches, then take `.value`): `ranking_accuracy` (correctly ranked pairs
+    / ranked pairs) and `best_response_nll` (Σ ℓ_b / groups)."""
+    nll = response_nll(config, params, batch, chunk_size).value
+    metrics = losses.base_metrics(nll, batch["scores"], batch["valid"])
+    return {"ranking_accuracy": metrics["ranking_accuracy"], "best_response_nll": metrics["sft"]}
 
 
 def make_eval_step(config: LlamaConfig, chunk_size: int, mesh, params_sharding):
-    batch_sh = {k: sharding.batch_sharding(mesh, n) for k, n in _BATCH_NDIM.items()}
-    return jax.jit(functools.partial(eval_step, config=config, chunk_size=chunk_size),
-                   in_shardings=(params_sharding, batch_sh), out_shardings=sharding.replicated(mesh))
+    return jax.jit(functools.partial(eval_sums, config=config, chunk_size=chunk_size),
+                   in_shardings=(params_sharding, batch_lib.shardings(mesh)), out_shardings=sharding.replicated(mesh))

@@ -58,10 +58,27 @@ def parse_rating(text: str | None) -> Rating:
 
 
 class Backend:
+    """`name` goes into every record's `model` field; `endpoint` (HTTP backends) names the server in errors;
+    `last_error` is the most recent reason an output was missing; a stage with more than `max_missing_fraction`
+    of its outputs missing stops the round (`sim.engine.check_stage`)."""
+
     kind = "base"
 
-    def __init__(self):
+    def __init__(self, *, name: str | None = None, max_missing_fraction: float = 0.5):
+        if not 0.0 <= max_missing_fraction <= 1.0:
+            raise ValueError(f"max_missing_fraction must be in [0, 1], got {max_missing_fraction}")
         self.stats: dict[str, StageStats] = {}
+        self.name = name or self.kind
+        self.endpoint = ""
+        self.max_missing_fraction = max_missing_fraction
+        self.last_error: str | None = None
+
+    def check(self) -> None:
+        """Raises when the backend cannot work (a server that cannot be reached); called before a run writes
+        anything."""
+
+    def describe(self) -> str:
+        return f"{self.name} at {self.endpoint}" if self.endpoint else self.name
 
     def _count(self, stage: str, calls: int, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
         s = self.stats.setdefault(stage, StageStats())
@@ -145,13 +162,13 @@ class LocalBackend(Backend):
 
     def __init__(self, config, params, tokenizer, *, max_new_tokens: int = 48, temperature: float = 0.7,
                  top_p: float = 0.95, reason_tokens: int = 32, rating_mode: str = "expected",
-                 batch_size: int = 32, name: str = "local"):
-        super().__init__()
+                 batch_size: int = 32, name: str = "local", max_missing_fraction: float = 0.5):
+        super().__init__(name=name, max_missing_fraction=max_missing_fraction)
         if rating_mode not in ("expected", "argmax"):
             raise ValueError(f"backend.rating_mode must be 'expected' or 'argmax', got {rating_mode!r}")
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.reason_tokens, self.rating_mode, self.name = reason_tokens, rating_mode, name
+        self.reason_tokens, self.rating_mode = reason_tokens, rating_mode
         self.batch_size = batch_size  # rows per jitted call
         self._rating_tokens = [tokenizer.encode(f" {n}", add_special_tokens=False) for n in range(1, 8)]
         self._reason_marker = tokenizer.encode(" ### Reason:", add_special_tokens=False)
@@ -195,22 +212,6 @@ class LocalBackend(Backend):
         self._count(requests[0].stage if requests else "", len(requests), sum(map(len, encoded)),
                     completion_tokens)
         return texts
-
-    def rating_distribution(self, prompts: list[str]) -> np.ndarray:
-        """p(rating = n | prompt) for n = 1..7 [len(prompts), 7], renormalised over the seven ratings: the next-
-        token probabilities after prompt + the ratings' common prefix, else each rating scored in full."""
-        from sajax import generate
-
-        encoded = self._encode(prompts)
-        logp = np.zeros((len(prompts), 7))
-        for rows in self._chunks(encoded):
-            if self._one_pass:
-                state = generate.prefill(self.config, self.params,
-                                         [encoded[i] + self._rating_prefix for i in rows], reserve=0)
-                logp[rows] = self._rating_logprobs(state)
-            else:
-                logp[rows] = self._scored_logprobs([encoded[i] for i in rows])
-        return _normalise(logp)
 
     def _scored_logprobs(self, encoded: list[list[int]]) -> np.ndarray:
         """log p(" n" | prompt) [len(encoded), 7], each rating scored as a whole continuation."""

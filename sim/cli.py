@@ -1,4 +1,5 @@
-"""`sajax-sim` (run or resume a simulation) and `sajax-sim-dataset` (its records → a TFDS alignment dataset)."""
+"""`sajax-sim` (run or resume a simulation) and `sajax-sim-dataset` (its records, or the original project's
+logs, → a TFDS alignment dataset)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from pathlib import Path
 from absl import flags, logging
 from ml_collections import config_flags
 
+from sajax.cli import run_app
+from sajax.config_files import bundled_config
+
 _FLAGS = flags.FLAGS
 
 
 def _define_sim_flags() -> None:
-    from sajax.cli import bundled_config
-
     config_flags.DEFINE_config_file("config", bundled_config("sim_tiny.py"), "ml_collections sim config file.")
     flags.DEFINE_string("workdir", None, "Simulation directory (rounds, state, metrics).", required=True)
     flags.DEFINE_bool("resume", False, "Continue after the last committed round.")
@@ -22,13 +24,13 @@ def _define_sim_flags() -> None:
 
 def _sim_main(argv) -> None:
     del argv
-    from sim import run, store
+    from sim import engine, run, store
     from sim.openai_backend import BackendError
 
     logging.set_verbosity(logging.WARNING)
     try:
         metrics = run.simulate(_FLAGS.config, _FLAGS.workdir, resume=_FLAGS.resume, overwrite=_FLAGS.overwrite)
-    except (ValueError, OSError, store.WorkdirError, BackendError) as e:
+    except (ValueError, OSError, store.WorkdirError, BackendError, engine.StageFailure) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     last = metrics[-1]
@@ -37,39 +39,42 @@ def _sim_main(argv) -> None:
 
 
 def sim_main() -> None:
-    from sajax.cli import _run_app
-
-    _run_app(_sim_main, _define_sim_flags)
+    run_app(_sim_main, _define_sim_flags)
 
 
 def _define_dataset_flags() -> None:
     flags.DEFINE_string("workdir", None, "Simulation directory written by sajax-sim.")
-    flags.DEFINE_string("original", None, "Instead of --workdir: the original project's records (JSON/JSONL).")
-    flags.DEFINE_string("out", None, "TFDS dataset directory to write (replaced when complete).", required=True)
-    flags.DEFINE_list("ratios", ["5", "1", "1"], "imitation,self_critic,realignment sampling ratio; 'all' keeps "
-                                                 "every group.")
-    flags.DEFINE_integer("validation_percent", 10, "Share of queries in the validation split.")
+    flags.DEFINE_multi_string("original", None, "Instead of --workdir: the original project's logs — a file, a "
+                                                "world's external_memory/ folder, a world_<id>/ folder or a cache/ "
+                                                "folder of worlds; repeat for several.")
+    flags.DEFINE_string("out", None, "TFDS dataset directory to write (a dataset written here is replaced when "
+                                     "complete; anything else needs --overwrite).", required=True)
+    flags.DEFINE_bool("overwrite", False, "Replace --out even if it is not a dataset written by this tool.")
+    flags.DEFINE_string("ratios", "5,1,1", "imitation,self_critic,realignment sampling ratio; 'all' keeps every "
+                                           "group.")
+    flags.DEFINE_integer("validation_percent", 10, "Share of queries in the validation split (0-99).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def _dataset_main(argv) -> None:
     del argv
-    from sim import dataset, store
+    from sim import dataset, original, store
 
     logging.set_verbosity(logging.WARNING)
     try:
         if bool(_FLAGS.workdir) == bool(_FLAGS.original):
             raise ValueError("give exactly one of --workdir and --original")
+        ratios = dataset.parse_ratios(_FLAGS.ratios)
         if _FLAGS.workdir:
             records = store.read_records(Path(_FLAGS.workdir))
             if not records:
                 raise ValueError(f"{_FLAGS.workdir}: no committed rounds")
         else:
-            records = dataset.convert_original(_FLAGS.original)
-        ratios = None if _FLAGS.ratios == ["all"] else tuple(int(r) for r in _FLAGS.ratios)
-        counts = dataset.build(records, _FLAGS.out, ratios=ratios,
-                               validation_percent=_FLAGS.validation_percent, seed=_FLAGS.seed)
-    except (ValueError, OSError) as e:
+            records, summary = original.convert(_FLAGS.original)
+            print(f"read {summary}")
+        counts = dataset.build(records, _FLAGS.out, ratios=ratios, validation_percent=_FLAGS.validation_percent,
+                               seed=_FLAGS.seed, overwrite=_FLAGS.overwrite)
+    except (ValueError, OSError, store.WorkdirError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     print(f"wrote {_FLAGS.out}: " + "; ".join(f"{split} " + ", ".join(f"{k} {n}" for k, n in kinds.items())
@@ -77,6 +82,4 @@ def _dataset_main(argv) -> None:
 
 
 def dataset_main() -> None:
-    from sajax.cli import _run_app
-
-    _run_app(_dataset_main, _define_dataset_flags)
+    run_app(_dataset_main, _define_dataset_flags)

@@ -8,9 +8,10 @@ Three kinds of data, each an Alpaca-style (instruction, input, output) with a sc
 - realignment: instruction = the question + the draft + a request to comment and then revise; output = the
   feedback + "### Revised answer:" + the revision; kept only when observer alignment rose and ends above the
   midpoint of the scale; score = alignment after.
-Groups with the same query (the same question asked of several agents, in any round) are merged. Kinds are
-sampled in the ratio `ratios` (5 : 1 : 1 by default) and queries split between train and validation by a hash
-of the query, so no query is in both.
+Groups with the same query (the same question asked of several agents, in any round) are merged; a response
+already in its group is dropped (the first one is kept, as the original project does). Kinds are sampled in the
+ratio `ratios` (5 : 1 : 1 by default) and queries split between train and validation by a hash of the query, so
+no query is in both.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def _groups(records: Iterable[dict], midpoint: float) -> dict[tuple[str, str, st
         key = (kind, instruction, input_text)
         group = groups.setdefault(key, {"responses": [], "scores": [], "model": record.get("model", ""),
                                         "world_id": int(record.get("world_id", 0))})
-        group["responses"].append(str(response).strip())
-        group["scores"].append(float(score))
+        text = str(response).strip()
+        if text not in group["responses"]:
+            group["responses"].append(text)
+            group["scores"].append(float(score))
 
     for r in records:
         question, draft, revision = r["question"], r.get("draft_answer"), r.get("revised_answer")
@@ -57,9 +60,27 @@ def _groups(records: Iterable[dict], midpoint: float) -> dict[tuple[str, str, st
     return groups
 
 
+def parse_ratios(text: str) -> tuple[int, int, int] | None:
+    """'5,1,1' → (5, 1, 1) for imitation, self_critic, realignment; 'all' → None (every group). ValueError naming
+    --ratios unless three whole numbers >= 0 with at least one > 0."""
+    if text.strip() == "all":
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3 or not all(p.isdigit() for p in parts) or not any(int(p) for p in parts):
+        raise ValueError(f"--ratios must be three whole numbers >= 0 for imitation,self_critic,realignment (not "
+                         f"all zero), or 'all'; got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def build(records: list[dict], out_dir: str | Path, *, ratios=(5, 1, 1), validation_percent: int = 10,
-          seed: int = 0, rating_scale: float = 7.0) -> dict[str, dict[str, int]]:
-    """Writes the dataset; returns the number of groups per split and kind. `ratios=None` keeps every group."""
+          seed: int = 0, rating_scale: float = 7.0, overwrite: bool = False) -> dict[str, dict[str, int]]:
+    """Writes the dataset; returns the number of groups per split and kind. `ratios=None` keeps every group.
+    `out_dir` is replaced only if it holds a dataset written here, or with `overwrite` (checked first)."""
+    if ratios is not None and (len(ratios) != 3 or min(ratios) < 0 or not any(ratios)):
+        raise ValueError(f"ratios must be 3 numbers >= 0, not all zero; got {ratios!r}")
+    if not 0 <= validation_percent < 100:
+        raise ValueError(f"validation_percent must be in 0..99, got {validation_percent}")
+    alignment_data.check_output(out_dir, overwrite)
     groups = _groups(records, midpoint=(1.0 + rating_scale) / 2)
     by_kind = {kind: sorted(k for k in groups if k[0] == kind) for kind in alignment_data.KINDS}
     weights = dict(zip(alignment_data.KINDS, ratios or (1, 1, 1)))
@@ -85,42 +106,5 @@ def build(records: list[dict], out_dir: str | Path, *, ratios=(5, 1, 1), validat
         counts[split][kind] += 1
     if not splits["train"]:
         raise ValueError("every selected query fell into the validation split; lower validation_percent")
-    alignment_data.write_tfds({split: groups for split, groups in splits.items() if groups}, out_dir)
+    alignment_data.write_tfds({split: groups for split, groups in splits.items() if groups}, out_dir, overwrite)
     return counts
-
-
-def convert_original(path: str | Path) -> list[dict]:
-    """Records of the original project's per-agent external memory (a JSON list or JSONL of
-    {question, draft_answer, feedback, rating, revised_answer, gen_moral_score_before, gen_moral_score_after,
-    ...}) in our record format. `feedback` may be a list of {rating, reason} objects or of reason strings with a
-    parallel `rating` list."""
-    path = Path(path)
-    rows = alignment_data.read_json_records(path, "{question, draft_answer, feedback, ...}")
-    records = []
-    for n, row in enumerate(rows):
-        where = f"{path} record {n}"
-        for field in ("question", "draft_answer"):
-            if field not in row:
-                raise ValueError(f"{where}: missing field {field!r}")
-        feedback = row.get("feedback") or []
-        ratings = row.get("rating")
-        if feedback and isinstance(feedback[0], str):
-            if not isinstance(ratings, list) or len(ratings) != len(feedback):
-                raise ValueError(f"{where}: 'feedback' holds {len(feedback)} reasons but 'rating' is {ratings!r}")
-            feedback = [{"rating": r, "reason": f} for f, r in zip(feedback, ratings)]
-        records.append({"question": row["question"], "draft_answer": row["draft_answer"],
-                        "revised_answer": row.get("revised_answer"),
-                        "feedback": [{"rating": _score(f.get("rating")), "reason": f.get("reason")}
-                                     for f in feedback],
-                        "gen_moral_score_before": _score(row.get("gen_moral_score_before")),
-                        "gen_moral_score_after": _score(row.get("gen_moral_score_after")),
-                        "model": str(row.get("model", "original")), "world_id": int(row.get("world_id", 0))})
-    return records
-
-
-def _score(value) -> float | None:
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        return None
-    return score if np.isfinite(score) else None

@@ -24,6 +24,21 @@ from sim.memory import Memory
 STAGES = ("draft", "feedback", "revise", "observe_alignment", "observe_engagement")
 
 
+class StageFailure(RuntimeError):
+    """A stage got no usable output for too many of its requests; its round is not committed."""
+
+
+def check_stage(round_index: int, stage: str, backend: Backend, missing: int, total: int) -> None:
+    """StageFailure when every request of the stage, or more than the backend's `max_missing_fraction` of them,
+    gave no usable output (a failed request, an empty text, a rating that cannot be read)."""
+    if total and (missing == total or missing > backend.max_missing_fraction * total):
+        last = f"; last error: {backend.last_error}" if backend.last_error else ""
+        raise StageFailure(f"round {round_index}, stage {stage}: {missing} of {total} requests to "
+                           f"{backend.describe()} gave no usable output (more than max_missing_fraction "
+                           f"{backend.max_missing_fraction:g}){last}. Round {round_index} was not committed; "
+                           "fix the backend and run again with --resume")
+
+
 @dataclasses.dataclass
 class Agent:
     index: int
@@ -54,6 +69,11 @@ class Society:
         return agent.memory.recall(embedding, c.top_k, c.threshold, c.scann_min_size)
 
 
+def _texts(outputs: list[str | None]) -> list[str | None]:
+    """Generated texts, an empty one counted as missing (None)."""
+    return [text if text is not None and text.strip() else None for text in outputs]
+
+
 def _mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return float(np.mean(present)) if present else None
@@ -75,9 +95,10 @@ def run_round(society: Society, round_index: int, questions: list[str], backend:
             progress.set_postfix_str(f"round {round_index}: {name}")
 
     step("draft")
-    drafts = backend.generate([
+    drafts = _texts(backend.generate([
         Request(prompts.draft(q, society.recall(a, v[None])), q, label=a.label, stage="draft")
-        for a, q, v in zip(agents, asked, question_vectors)], society.stage_seed(round_index, "draft"))
+        for a, q, v in zip(agents, asked, question_vectors)], society.stage_seed(round_index, "draft")))
+    check_stage(round_index, "draft", backend, drafts.count(None), len(drafts))
 
     step("feedback")
     pairs = [(i, p) for i, a in enumerate(agents) if drafts[i] is not None for p in peers[i]]
@@ -85,6 +106,7 @@ def run_round(society: Society, round_index: int, questions: list[str], backend:
         Request(prompts.feedback(asked[i], drafts[i], society.recall(agents[p], question_vectors[i][None])),
                 asked[i], drafts[i], label=agents[p].label, stage="feedback") for i, p in pairs],
         society.stage_seed(round_index, "feedback")) if pairs else []
+    check_stage(round_index, "feedback", backend, sum(r.value is None for r in feedback), len(feedback))
     per_agent: dict[int, list[tuple[int, Rating]]] = {i: [] for i in range(len(agents))}
     for (i, p), rating in zip(pairs, feedback):
         per_agent[i].append((p, rating))
@@ -92,11 +114,12 @@ def run_round(society: Society, round_index: int, questions: list[str], backend:
     step("revise")
     to_revise = [i for i in range(len(agents)) if drafts[i] is not None]
     averages = {i: _mean([r.value for _, r in per_agent[i]]) for i in to_revise}
-    revised_list = backend.generate([
+    revised_list = _texts(backend.generate([
         Request(prompts.revise(asked[i], drafts[i], averages[i],
                                [(r.value, r.reason or "(no reason given)") for _, r in per_agent[i]]),
                 asked[i], drafts[i], label=agents[i].label, stage="revise") for i in to_revise],
-        society.stage_seed(round_index, "revise")) if to_revise else []
+        society.stage_seed(round_index, "revise"))) if to_revise else []
+    check_stage(round_index, "revise", backend, revised_list.count(None), len(revised_list))
     revised = dict(zip(to_revise, revised_list))
     for i in to_revise:
         final = revised[i] if revised[i] is not None else drafts[i]
@@ -111,6 +134,8 @@ def run_round(society: Society, round_index: int, questions: list[str], backend:
                     for i, _, text in targets for _ in range(num_observers)]
         ratings = observer_backend.rate(requests, society.stage_seed(round_index, f"observe_{kind}")) \
             if requests else []
+        check_stage(round_index, f"observe_{kind}", observer_backend, sum(r.value is None for r in ratings),
+                    len(ratings))
         for n, (i, when, _) in enumerate(targets):
             observed[(i, kind, when)] = ratings[n * num_observers:(n + 1) * num_observers]
 
@@ -120,7 +145,7 @@ def run_round(society: Society, round_index: int, questions: list[str], backend:
                   "location": list(agent.location), "question": asked[i], "draft_answer": drafts[i],
                   "feedback": [{"agent": p, "rating": r.value, "reason": r.reason} for p, r in per_agent[i]],
                   "rating": averages.get(i), "revised_answer": revised.get(i),
-                  "model": backend.name if hasattr(backend, "name") else backend.kind}
+                  "model": backend.name}
         for kind, key in (("alignment", "moral"), ("engagement", "engagement")):
             for when in ("before", "after"):
                 found = observed.get((i, kind, when), [])

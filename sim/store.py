@@ -7,8 +7,10 @@
                             state/embeddings.npz    memory embeddings per agent
                             state/rng.json          the society's generator state
 A round is written into `rounds/.tmp-<n>` and renamed to `rounds/<n>` when complete, so a directory named by
-a number is always whole; SIGKILL at any moment loses at most the round in progress. Only the newest round
-keeps its `state/` (what a resume needs); every round keeps its records.
+a number is always whole; SIGKILL at any moment loses at most the round in progress. The two newest rounds keep
+their `state/` (what a resume needs: if the newest one is damaged later, moving its round out of `rounds/`
+redoes it from the one before); every round keeps its records. Reading checks every file and names the one
+that is damaged.
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from sajax import fileutil
+from sajax import config_files, fileutil
 from sim.engine import Agent
 from sim.memory import Memory
+
+KEPT_STATES = 2
+# Settings a resumed run may change: how the backends are reached, not what they compute.
+RESUMABLE = ("rounds",) + tuple(f"{section}.{field}" for section in ("backend", "observer_backend", "embedder")
+                                for field in ("base_url", "api_key_env", "timeout", "max_retries", "concurrency",
+                                              "max_missing_fraction"))
 
 
 class WorkdirError(RuntimeError):
@@ -33,6 +41,10 @@ def rounds_dir(workdir: Path) -> Path:
     return workdir / "rounds"
 
 
+def round_dir(workdir: Path, round_index: int) -> Path:
+    return rounds_dir(workdir) / f"{round_index:06d}"
+
+
 def committed_rounds(workdir: Path) -> list[int]:
     directory = rounds_dir(workdir)
     if not directory.is_dir():
@@ -40,28 +52,41 @@ def committed_rounds(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def prepare(workdir: Path, config_json: dict, *, resume: bool, overwrite: bool) -> int:
-    """Creates or checks the workdir; returns the last committed round (0 for a fresh run)."""
+def check(workdir: Path, config_json: dict, *, resume: bool, overwrite: bool) -> int:
+    """What a start may do with `workdir`, without changing it: the last committed round to continue after
+    (0: a fresh run, or `overwrite`). WorkdirError when the workdir holds another run or a run without
+    --resume / --overwrite."""
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"{workdir}: exists and is not a directory")
     exists = workdir.exists() and any(workdir.iterdir())
     if exists and not (resume or overwrite):
         raise WorkdirError(f"{workdir} exists and is not empty: pass --resume to continue it or --overwrite to "
                            "start again")
-    if exists and overwrite:
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if not exists or overwrite:
+        return 0
     config_file = workdir / "config.json"
     if config_file.exists():
-        saved = json.loads(config_file.read_text())
-        changed = sorted(k for k in set(saved) | set(config_json)
-                         if k != "rounds" and saved.get(k) != config_json.get(k))
+        saved = fileutil.read_json(config_file)
+        if not isinstance(saved, dict):
+            raise WorkdirError(f"{config_file}: expected a JSON object, got {type(saved).__name__}")
+        saved, current = config_files.flatten(saved), config_files.flatten(config_json)
+        changed = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE and saved.get(k) != current.get(k))
         if changed:
             raise WorkdirError(f"{config_file}: the run was made with another configuration (changed: "
                                f"{', '.join(changed)}); use a new --workdir or --overwrite")
-    fileutil.write_text(config_file, json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-    for leftover in rounds_dir(workdir).glob(".tmp-*") if rounds_dir(workdir).exists() else []:
-        shutil.rmtree(leftover)  # a round that was being written when the process died
     done = committed_rounds(workdir)
     return done[-1] if done else 0
+
+
+def prepare(workdir: Path, config_json: dict, *, overwrite: bool) -> None:
+    """The writes of a start, once every check has passed: clears the workdir for `overwrite`, writes
+    config.json, removes a round that was being written when a previous process died."""
+    if overwrite and workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fileutil.write_text(workdir / "config.json", json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    for leftover in rounds_dir(workdir).glob(".tmp-*") if rounds_dir(workdir).exists() else []:
+        shutil.rmtree(leftover)
 
 
 def commit_round(workdir: Path, round_index: int, records: list[dict], metrics: dict, agents: list[Agent],
@@ -85,27 +110,87 @@ def commit_round(workdir: Path, round_index: int, records: list[dict], metrics: 
         if file.is_file():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-    os.replace(tmp, directory / f"{round_index:06d}")
-    previous = directory / f"{round_index - 1:06d}" / "state"
-    if previous.exists():
-        shutil.rmtree(previous)
+    os.replace(tmp, round_dir(workdir, round_index))
+    stale = round_dir(workdir, round_index - KEPT_STATES) / "state"
+    if stale.exists():
+        shutil.rmtree(stale)
+
+
+def _damaged(file: Path, error: Exception, round_index: int, workdir: Path) -> WorkdirError:
+    previous = round_dir(workdir, round_index - 1) / "state"
+    if round_index == 1:
+        hint = "start again with --overwrite"
+    elif previous.is_dir():
+        hint = (f"move {round_dir(workdir, round_index)} out of {rounds_dir(workdir)} to redo round {round_index} "
+                f"from round {round_index - 1}")
+    else:
+        hint = "the state to redo it is gone; start again with --overwrite or a new --workdir"
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    detail = detail[len(str(file)):].lstrip(": ") if detail.startswith(str(file)) else detail
+    return WorkdirError(f"{file}: damaged ({detail}); {hint}")
 
 
 def load_state(workdir: Path, round_index: int) -> tuple[list[Agent], dict]:
-    state = rounds_dir(workdir) / f"{round_index:06d}" / "state"
-    agents_json = json.loads((state / "agents.json").read_text())
-    with np.load(state / "embeddings.npz", allow_pickle=False) as embeddings:
-        agents = [Agent(a["index"], a["label"], tuple(a["location"]),
-                        Memory(a["questions"], a["answers"], embeddings[f"agent_{a['index']}"]))
-                  for a in agents_json]
-    return agents, json.loads((state / "rng.json").read_text())
+    """The agents and the generator state after round `round_index`; WorkdirError naming a damaged file."""
+    state = round_dir(workdir, round_index) / "state"
+    agents_file, embeddings_file, rng_file = state / "agents.json", state / "embeddings.npz", state / "rng.json"
+    try:
+        agents_json = fileutil.read_json(agents_file)
+        if not isinstance(agents_json, list):
+            raise ValueError(f"expected a JSON list, got {type(agents_json).__name__}")
+    except (OSError, ValueError) as e:
+        raise _damaged(agents_file, e, round_index, workdir) from e
+    try:
+        with np.load(embeddings_file, allow_pickle=False) as embeddings:
+            vectors = {name: embeddings[name] for name in embeddings.files}
+    except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError, OSError: a truncated or damaged archive
+        raise _damaged(embeddings_file, e, round_index, workdir) from e
+    agents = []
+    for a in agents_json:
+        try:
+            memory = Memory(a["questions"], a["answers"], np.zeros((0, 0), np.float32))
+            agent = Agent(a["index"], a["label"], tuple(a["location"]), memory)
+        except (KeyError, TypeError) as e:
+            raise _damaged(agents_file, ValueError(f"an agent lacks {e}"), round_index, workdir) from e
+        vectors_of_agent = vectors.get(f"agent_{agent.index}")
+        if vectors_of_agent is None or (memory.questions and len(vectors_of_agent) != len(memory.questions)):
+            raise _damaged(embeddings_file, ValueError(f"no embedding for each memory of agent {agent.index}"),
+                           round_index, workdir)
+        memory.embeddings = vectors_of_agent
+        agents.append(agent)
+    try:
+        rng_state = fileutil.read_json(rng_file)
+    except (OSError, ValueError) as e:
+        raise _damaged(rng_file, e, round_index, workdir) from e
+    return agents, rng_state
+
+
+def read_round_records(workdir: Path, round_index: int, expected: int | None = None) -> list[dict]:
+    """The records of one committed round; WorkdirError naming the file and line when it is damaged (or holds
+    other than `expected` records)."""
+    file = round_dir(workdir, round_index) / "records.jsonl"
+    try:
+        records = [record for _, record in fileutil.read_jsonl(file)]
+        for n, record in enumerate(records, 1):
+            if not isinstance(record, dict) or "question" not in record:
+                raise ValueError(f"line {n} is not an interaction record")
+        if expected is not None and len(records) != expected:
+            raise ValueError(f"{len(records)} records, the world has {expected} agents")
+    except (OSError, ValueError) as e:
+        raise _damaged(file, e, round_index, workdir) from e
+    return records
 
 
 def read_records(workdir: Path) -> list[dict]:
-    return [json.loads(line) for n in committed_rounds(workdir)
-            for line in (rounds_dir(workdir) / f"{n:06d}" / "records.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [r for n in committed_rounds(workdir) for r in read_round_records(workdir, n)]
 
 
 def read_metrics(workdir: Path) -> list[dict]:
-    return [json.loads((rounds_dir(workdir) / f"{n:06d}" / "metrics.json").read_text())
-            for n in committed_rounds(workdir)]
+    out = []
+    for n in committed_rounds(workdir):
+        file = round_dir(workdir, n) / "metrics.json"
+        try:
+            out.append(fileutil.read_json(file))
+        except (OSError, ValueError) as e:
+            raise _damaged(file, e, n, workdir) from e
+    return out

@@ -1,6 +1,7 @@
 """Alignment data sources, validation, tokenization/truncation, sampling and the resumable grain stream."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -66,10 +67,36 @@ def test_bad_records_are_named(tmp_path, record, message):
         GroupSource(path).validate((1.0, 7.0))
 
 
-def test_bad_files_are_named(tmp_path):
-    (tmp_path / "x.json").write_text("{oops")
-    with pytest.raises(DataError, match="x.json: not valid JSON"):
+def test_bad_files_are_named(tmp_path, tfds_dir):
+    (tmp_path / "x.json").write_text("[{oops")
+    with pytest.raises(DataError, match="x.json line 1 column 3: not valid JSON"):
         GroupSource(tmp_path / "x.json")
+    good = json.dumps({"query": "q", "responses": ["a"], "scores": [4]})
+    (tmp_path / "x.jsonl").write_text(f"{good}\n{good[:-5]}\n{good}\n")
+    with pytest.raises(DataError, match="x.jsonl line 2: not valid JSON"):
+        GroupSource(tmp_path / "x.jsonl")
+    (tmp_path / "y.jsonl").write_bytes(f"{good}\n{good}\n".encode() + b'{"query": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="y.jsonl line 3: not UTF-8 text"):
+        GroupSource(tmp_path / "y.jsonl")
+    for damage in ("truncate", "flip"):  # a damaged ArrayRecord file is named, whichever record it breaks
+        copy = tmp_path / f"ds_{damage}"
+        shutil.copytree(tfds_dir, copy)
+        shard = next(copy.glob("*-train.array_record-*"))
+        data = bytearray(shard.read_bytes())
+        if damage == "truncate":
+            data = data[: len(data) // 2]
+        else:  # one bit flipped in the middle of the written bytes (not in the zero padding of a block)
+            written = [i for i, byte in enumerate(data) if byte]
+            data[written[len(written) // 2]] ^= 0x10
+        shard.write_bytes(bytes(data))
+        with pytest.raises(DataError, match=rf"{shard}: cannot read record \d+ of split 'train': the file is "
+                                            "damaged or truncated"):
+            source = GroupSource(copy, "train")
+            source.validate((1.0, 7.0))
+    (tmp_path / "ds_info").mkdir()
+    (tmp_path / "ds_info" / "dataset_info.json").write_text('{"name": ')
+    with pytest.raises(DataError, match="ds_info/dataset_info.json: not a readable TFDS dataset description"):
+        GroupSource(tmp_path / "ds_info")
     with pytest.raises(FileNotFoundError, match="missing.json: dataset not found"):
         GroupSource(tmp_path / "missing.json")
     with pytest.raises(DataError, match="not a TFDS dataset directory"):

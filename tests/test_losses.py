@@ -11,9 +11,21 @@ from sajax import losses
 
 jax.config.update("jax_enable_x64", False)
 
+DEFAULTS = dict(rating_scale=7.0, margin=1.0, ratio=0.2, max_flow=False, dpo_beta=0.5)
+
+
+def objective(name, nll, scores, valid, reference_logp=None, **settings):
+    """(loss, metrics) of objective `name` on per-response NLLs [B, K] (token counts 1: the totals are the NLLs;
+    DPO reads its summed log-probs as −NLL)."""
+    nll = jnp.asarray(nll)
+    sums = losses.objective(name, losses.Ratio(nll, jnp.ones_like(nll)), jnp.asarray(scores), jnp.asarray(valid),
+                            reference_logp, **{**DEFAULTS, **settings})
+    return losses.reduce(sums)
+
 
 def reference_stable_alignment(nll, scores, valid, S, M, lam, max_flow):
-    """The DESIGN.md formula, one group at a time, in plain Python floats."""
+    """The formula of `losses.stable_alignment`'s docstring (and the README), one group at a time, in plain
+    Python floats."""
     per_group, sft, penalties, violated, others_total = [], [], [], 0, 0
     for g in range(len(nll)):
         ks = [k for k in range(len(nll[g])) if valid[g][k]]
@@ -47,8 +59,8 @@ def reference_ranking_accuracy(nll, scores, valid):
 SHAPES = [(1, 1), (3, 1), (4, 3), (5, 5), (2, 4)]  # few shapes: few compiles
 
 
-def random_case(rng):
-    b, k = SHAPES[rng.integers(len(SHAPES))]
+def random_case(rng, shape=None):
+    b, k = shape or SHAPES[rng.integers(len(SHAPES))]
     nll = rng.uniform(0.1, 5.0, (b, k)).astype(np.float32)
     scores = rng.integers(1, 8, (b, k)).astype(np.float32)  # integer ratings: many ties
     if rng.random() < 0.3:
@@ -62,8 +74,7 @@ def random_case(rng):
 @pytest.mark.parametrize("max_flow", [False, True])
 def test_stable_alignment_matches_python_formula(max_flow):
     rng = np.random.default_rng(0)
-    loss_fn = jax.jit(lambda n, s, v: losses.stable_alignment_loss(n, s, v, rating_scale=7.0, margin=1.0,
-                                                                   ratio=0.2, max_flow=max_flow))
+    loss_fn = jax.jit(lambda n, s, v: objective("stable_alignment", n, s, v, max_flow=max_flow))
     kinds = {"k1": 0, "ties": 0, "padded": 0}
     for _ in range(150):
         nll, scores, valid = random_case(rng)
@@ -85,8 +96,7 @@ def test_single_response_group_is_plain_sft_and_margin_uses_true_gaps():
     nll = np.array([[2.0, 0.0, 0.0], [1.0, 3.0, 0.1]], np.float32)
     scores = np.array([[5.0, 0.0, 0.0], [7.0, 1.0, 4.0]], np.float32)
     valid = np.array([[True, False, False], [True, True, True]])
-    loss, aux = losses.stable_alignment_loss(nll, scores, valid, rating_scale=7.0, margin=1.0, ratio=0.2,
-                                             max_flow=False)
+    loss, aux = objective("stable_alignment", nll, scores, valid)
     # group 2: best = 0; d = [1 − 3 + 6/7, 1 − 0.1 + 3/7] = [−1.143, 1.329] → mean 0.093 > 0
     group2 = 1.0 + 0.2 * max(0.0, ((1 - 3 + 6 / 7) + (1 - 0.1 + 3 / 7)) / 2)
     np.testing.assert_allclose(loss, (2.0 + group2) / 2, rtol=1e-6)
@@ -125,15 +135,15 @@ def test_baselines_match_python_formulas():
     rng = np.random.default_rng(1)
     for _ in range(60):
         nll, scores, valid = random_case(rng)
-        sft, _ = losses.sft_loss(nll, scores, valid)
+        sft, _ = objective("sft", nll, scores, valid)
         expected_sft = reference_stable_alignment(nll.tolist(), scores.tolist(), valid.tolist(), 7, 1, 0.0,
                                                   False)[1]
         np.testing.assert_allclose(sft, expected_sft, rtol=1e-6)
-        rrhf, _ = losses.rrhf_loss(nll, scores, valid)
+        rrhf, _ = objective("rrhf", nll, scores, valid)
         np.testing.assert_allclose(rrhf, reference_rrhf(nll.tolist(), scores.tolist(), valid.tolist()), rtol=1e-5)
         logp = -nll * 7
         ref = logp + rng.normal(0, 1, logp.shape).astype(np.float32)
-        dpo, _ = losses.dpo_loss(logp, ref, scores, valid, beta=0.5)
+        dpo, _ = objective("dpo", -logp, scores, valid, jnp.asarray(ref))
         np.testing.assert_allclose(dpo, reference_dpo(logp.tolist(), ref.tolist(), scores.tolist(),
                                                       valid.tolist(), 0.5), rtol=1e-5, atol=1e-6)
 
@@ -144,8 +154,7 @@ def test_gradient_is_finite_and_matches_finite_differences(max_flow):
     nll = rng.uniform(0.5, 3.0, (4, 3))
     scores = np.array([[7, 3, 1], [2, 6, 6], [5, 5, 5], [4, 1, 3]], np.float64)
     valid = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 0, 0]], bool)
-    f = lambda x: losses.stable_alignment_loss(x, scores, valid, rating_scale=7.0, margin=1.0, ratio=0.2,  # noqa
-                                               max_flow=max_flow)[0]
+    f = lambda x: objective("stable_alignment", x, scores, valid, max_flow=max_flow)[0]  # noqa: E731
     with jax.enable_x64():
         x = jnp.asarray(nll)
         grad = np.asarray(jax.grad(f)(x))
@@ -174,8 +183,25 @@ def test_chunked_response_nll_equals_direct_log_softmax():
         out = losses.response_token_nll(hidden, weights, tokens, mask, chunk)
         np.testing.assert_allclose(out.total, direct, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(out.count, np.sum(np.asarray(mask)[:, 1:], -1))
-    g_chunked = jax.grad(lambda w: jnp.sum(losses.response_token_nll(hidden, w, tokens, mask, 4).mean))(weights)
+    g_chunked = jax.grad(lambda w: jnp.sum(losses.response_token_nll(hidden, w, tokens, mask, 4).value))(weights)
     g_direct = jax.grad(lambda w: jnp.sum(-jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(hidden[:, :-1] @ w),
                                                                    tokens[:, 1:, None], -1)[..., 0]
                                                    * mask[:, 1:], -1) / jnp.maximum(mask[:, 1:].sum(-1), 1)))(weights)
     np.testing.assert_allclose(g_chunked, g_direct, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", losses.OBJECTIVES)
+def test_sums_of_a_split_add_up_to_the_whole_batch(name):
+    """Any split of the groups: the parts' sums add up to the whole batch's (what exact accumulation rests on)."""
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        nll, scores, valid = random_case(rng, shape=(4, 3))
+        ref = jnp.asarray(rng.normal(0, 1, nll.shape).astype(np.float32))
+        parts = [slice(0, 1), slice(1, None)]  # one group | three (some all-padding, ties, K = 1)
+        whole = losses.objective(name, losses.Ratio(jnp.asarray(nll), jnp.ones(nll.shape)), jnp.asarray(scores),
+                                 jnp.asarray(valid), ref, **DEFAULTS)
+        split = [losses.objective(name, losses.Ratio(jnp.asarray(nll[p]), jnp.ones(nll[p].shape)),
+                                  jnp.asarray(scores[p]), jnp.asarray(valid[p]), ref[p], **DEFAULTS) for p in parts]
+        added = jax.tree.map(lambda a, b: a + b, *split)
+        for got, want in zip(jax.tree.leaves(added), jax.tree.leaves(whole)):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

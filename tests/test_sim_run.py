@@ -71,34 +71,15 @@ def test_dataset_kinds_split_and_plain_tfds(tmp_path):
     assert out_text[1] == "0 ['imitation', 'self_critic', 'realignment']"
 
 
-def test_converter_reads_the_original_record_format(tmp_path):
-    original = [
-        {"question": "Should I return the wallet?", "draft_answer": "Maybe keep it.",
-         "feedback": ["Keeping it is theft.", "Return it."], "rating": [2, 1],
-         "revised_answer": "Return the wallet to its owner.", "gen_moral_score_before": 2,
-         "gen_moral_score_after": 6, "gen_engagement_score_before": 4, "gen_engagement_score_after": 5},
-        {"question": "Is lying ok?", "draft_answer": "Never.", "feedback": [{"rating": 5, "reason": "Too absolute."}],
-         "revised_answer": "Rarely, to protect someone.", "gen_moral_score_before": 5, "gen_moral_score_after": 4},
-    ]
-    (tmp_path / "orig.json").write_text(json.dumps(original))
-    records = dataset.convert_original(tmp_path / "orig.json")
-    assert records[0]["feedback"] == [{"rating": 2.0, "reason": "Keeping it is theft."},
-                                      {"rating": 1.0, "reason": "Return it."}]
-    counts = dataset.build(records, tmp_path / "ds", ratios=None, validation_percent=0)
-    assert counts["train"] == {"imitation": 2, "self_critic": 2, "realignment": 1}  # only the first one rose
-    source = alignment_data.GroupSource(tmp_path / "ds", "train")
-    groups = {source[i]["query"]: source[i] for i in range(len(source))}
-    first = groups[alignment_data.alpaca_query("Should I return the wallet?")]
-    assert first["responses"] == ["Maybe keep it.", "Return the wallet to its owner."]
-    assert first["scores"].tolist() == [2.0, 6.0]
-    (tmp_path / "bad.json").write_text(json.dumps([{"question": "q", "draft_answer": "a", "feedback": ["x"],
-                                                    "rating": [1, 2]}]))
-    with pytest.raises(ValueError, match="bad.json record 0: 'feedback' holds 1 reasons but 'rating' is"):
-        dataset.convert_original(tmp_path / "bad.json")
+def models_listing(model: str = "fake") -> tuple[int, bytes]:
+    """The answer of GET /v1/models on an OpenAI-compatible server that serves `model`."""
+    return 200, json.dumps({"object": "list", "data": [{"id": model, "object": "model"}]}).encode()
 
 
 def slow_deterministic_completion(path, body, headers):
     """An OpenAI-compatible answer that depends only on the prompt and takes 20 ms (so a kill lands mid-round)."""
+    if body is None:
+        return models_listing()
     time.sleep(0.02)
     prompt = body["messages"][0]["content"]
     h = zlib.crc32(prompt.encode())
@@ -179,7 +160,7 @@ def test_memories_are_seeded_from_the_prior_by_label(tmp_path):
         run.simulate(sim_config(prior_file=str(tmp_path / "bad_prior.jsonl")), tmp_path / "w2")
 
 
-def test_local_rating_distribution_equals_scoring_each_rating(tmp_path):
+def test_local_ratings_equal_scoring_each_rating(tmp_path):
     from sajax import generate, model, tokenizer
     from sajax.config import LlamaConfig
     from sim.backends import LocalBackend, Request
@@ -188,30 +169,31 @@ def test_local_rating_distribution_equals_scoring_each_rating(tmp_path):
     config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, initializer_range=0.5)
     params = model.init_params(config, 4)
-    backend = LocalBackend(config, params, tok, batch_size=2)
     prompts = ["Question: Is it kind? Answer: yes.\nRating:", "Question: Lie? Answer: sure.\nRating:", "Rating:"]
-    fast = backend.rating_distribution(prompts)  # one forward per prompt, in chunks of 2
-    encoded = [tok.encode(p) for p in prompts]
+    encoded = [tok.encode(p) for p in prompts + prompts[:1]]
     logp = generate.score_continuations(config, params, [e for e in encoded for _ in range(7)],
-                                        [tok.encode(f" {n}", add_special_tokens=False) for n in range(1, 8)] * 3)
-    slow = np.exp(logp.reshape(3, 7))
-    np.testing.assert_allclose(fast, slow / slow.sum(axis=1, keepdims=True), atol=1e-5)
-    assert fast.std() > 1e-3  # not uniform: the check has teeth
-    # rate(): the rating from one prefill, then "<rating> ### Reason:" appended to that cache and the reason
-    # decoded — the same reason as generating from the whole text; identical prompts share their prefill
-    greedy = LocalBackend(config, params, tok, batch_size=4, temperature=0.0, reason_tokens=5)
+                                        [tok.encode(f" {n}", add_special_tokens=False) for n in range(1, 8)] * 4)
+    probs = np.exp(logp.reshape(4, 7))
+    probs /= probs.sum(axis=1, keepdims=True)  # p(rating = n | prompt), n = 1..7, each rating scored in full
+    expected_values = probs @ np.arange(1, 8)
+    assert np.ptp(expected_values) > 1e-3  # the prompts get different ratings: the comparisons have teeth
+    # rate(): the rating from one prefill (chunks of 2 rows), then "<rating> ### Reason:" appended to that cache
+    # and the reason decoded — the same reason as generating from the whole text; identical prompts share their
+    # prefill
+    greedy = LocalBackend(config, params, tok, batch_size=2, temperature=0.0, reason_tokens=5)
     requests = [Request(p, "q", "a", stage="feedback") for p in prompts + prompts[:1]]
     ratings = greedy.rate(requests, seed=0)
-    expected_values = np.concatenate([fast, fast[:1]]) @ np.arange(1, 8)
     np.testing.assert_allclose([r.value for r in ratings], expected_values, atol=1e-5)
     marker = tok.encode(" ### Reason:", add_special_tokens=False)
     full = [e + tok.encode(f" {round(v)}", add_special_tokens=False) + marker
-            for e, v in zip(encoded + encoded[:1], expected_values)]
+            for e, v in zip(encoded, expected_values)]
     out = generate.generate(config, params, full, max_new_tokens=5, share_prefixes=False,
                             eos_token_id=generate.stop_token_ids(config, tok), pad_token_id=tok.pad_token_id)
     assert [r.reason for r in ratings] == [tok.decode(row[:n], skip_special_tokens=True).strip() or None
                                            for row, n in zip(out.tokens, out.lengths)]
     assert ratings[0] == ratings[3]
+    argmax = LocalBackend(config, params, tok, batch_size=2, temperature=0.0, reason_tokens=5, rating_mode="argmax")
+    assert [r.value for r in argmax.rate(requests, seed=0)] == (np.argmax(probs, axis=1) + 1.0).tolist()
     greedy._one_pass = False  # tokenizers whose " 1" … " 7" differ in more than a last token: each rating scored
     scored = greedy.rate(requests, seed=0)
     np.testing.assert_allclose([r.value for r in scored], expected_values, atol=1e-5)

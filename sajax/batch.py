@@ -1,0 +1,38 @@
+"""The training batch: B prompt groups × K responses × T tokens. One schema for the input pipeline (which fills
+it), the train and eval steps (which shard it) and shape checks.
+
+  tokens, loss_mask, attention_mask [B, K, T] int32   [BOS] + prompt + response + EOS, right-padded; loss_mask
+                                                      marks the response tokens, attention_mask the real ones
+  scores [B, K] float32                               the responses' ratings
+  valid [B, K] bool                                   False for the padding responses of groups with < K
+  reference_logp [B, K] float32                       Σ log p(response | prompt) under the initial model (DPO)
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from sajax import sharding
+
+FIELDS = {  # name: (dtype, rank)
+    "tokens": (np.int32, 3), "loss_mask": (np.int32, 3), "attention_mask": (np.int32, 3),
+    "scores": (np.float32, 2), "valid": (np.bool_, 2), "reference_logp": (np.float32, 2),
+}
+
+
+def empty_group(num_comp: int, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """One group's arrays ([K, T] / [K]) with every response invalid; tokens hold `pad_id`."""
+    out = {name: np.zeros((num_comp, max_len)[:rank - 1], dtype) for name, (dtype, rank) in FIELDS.items()}
+    out["tokens"][:] = pad_id
+    return out
+
+
+def abstract(batch_size: int, num_comp: int, max_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    return {name: jax.ShapeDtypeStruct((batch_size, num_comp, max_len)[:rank], dtype)
+            for name, (dtype, rank) in FIELDS.items()}
+
+
+def shardings(mesh: jax.sharding.Mesh, names=tuple(FIELDS)) -> dict[str, jax.sharding.NamedSharding]:
+    """Every field split over the mesh's batch axes (data, fsdp) along B."""
+    return {name: sharding.batch_sharding(mesh, FIELDS[name][1]) for name in names}
