@@ -31,30 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
         bos_token_id=1, eos_token_id=2, pad_token_id=None,
         dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_layers=True))
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    config.data.max_len = 360
-    config.data.max_prompt_len = 256  # the rest (≥ 104 tokens) for the response
-    config.data.num_comp = 3
-    config.data.read_threads = 8
-    config.train.objective = "stable_alignment"
-    config.train.rating_scale = 7.0
-    config.train.margin = 10.0
-    config.train.ratio = 0.2
-    config.train.max_flow = False
-    config.train.epochs = 7.0
-    config.train.batch_size = 32
-    config.train.grad_accum_steps = 8
-    config.train.loss_chunk_size = 120
-    config.optimizer.learning_rate = 2e-5
-    config.optimizer.warmup_ratio = 0.03
-    config.optimizer.min_lr_ratio = 0.0
-    config.optimizer.weight_decay = 0.0
-    config.optimizer.b1 = 0.9
-    config.optimizer.b2 = 0.999
-    config.optimizer.eps = 1e-8
-    config.optimizer.clip_norm = 1.0
-    config.checkpoint.every = 200
-    config.checkpoint.keep = 1
-    config.log_every = 1
-    config.eval_every = 200
-    config.eval_max_batches = 50
+    config.data.update(dict(max_len=360, max_prompt_len=256, num_comp=3, read_threads=8))  # ≥ 104 response tokens
+    config.train.update(dict(objective="stable_alignment", rating_scale=7.0, margin=10.0, ratio=0.2, max_flow=False,
+                             epochs=7.0, batch_size=32, grad_accum_steps=8, loss_chunk_size=120))
+    config.optimizer.update(dict(learning_rate=2e-5, warmup_ratio=0.03, min_lr_ratio=0.0, weight_decay=0.0, b1=0.9,
+                                 b2=0.999, eps=1e-8, clip_norm=1.0))
+    config.checkpoint.update(dict(every=200, keep=1))
+    config.update(dict(log_every=1, eval_every=200, eval_max_batches=50))
     return config

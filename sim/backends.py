@@ -173,10 +173,11 @@ class LocalBackend(Backend):
         self._rating_tokens = [tokenizer.encode(f" {n}", add_special_tokens=False) for n in range(1, 8)]
         self._reason_marker = tokenizer.encode(" ### Reason:", add_special_tokens=False)
         self._rating_prefix = self._rating_tokens[0][:-1]
-        # " 1" … " 7" share a prefix and differ in one last token ("▁" + digit in LLaMA tokenizers): one forward
-        # pass over prompt + prefix reads all seven; otherwise each rating is scored as a continuation
-        self._one_pass = (all(t[:-1] == self._rating_prefix for t in self._rating_tokens)
-                          and len({t[-1] for t in self._rating_tokens}) == 7)
+        # one_pass: " 1" … " 7" share a prefix and differ in one last token ("▁" + digit in LLaMA tokenizers), so
+        # one forward pass over prompt + prefix reads all seven; False: each rating is scored as a continuation
+        # (what other tokenizers need; setting it False on a one-pass tokenizer gives the same ratings, slower)
+        self.one_pass = (all(t[:-1] == self._rating_prefix for t in self._rating_tokens)
+                         and len({t[-1] for t in self._rating_tokens}) == 7)
 
     def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return [self.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
@@ -231,7 +232,7 @@ class LocalBackend(Backend):
 
     def rate(self, requests: Sequence[Request], seed: int) -> list[Rating]:
         """Each rating read from the prompt's next-token distribution, then "<rating> ### Reason:" appended to
-        the same cache and the reason generated — one prefill per request (`_one_pass`), else the prompt is
+        the same cache and the reason generated — one prefill per request (`one_pass`), else the prompt is
         scored per rating and then prefilled again with the chosen one."""
         from sajax import generate
 
@@ -242,7 +243,7 @@ class LocalBackend(Backend):
         prompt_tokens = completion_tokens = 0
         forced_tail = len(self._reason_marker) + len(self._rating_tokens[0])
         for n, rows in enumerate(self._chunks(encoded)):
-            if self._one_pass:
+            if self.one_pass:
                 state = generate.prefill(self.config, self.params, [encoded[i] + self._rating_prefix for i in rows],
                                          reserve=forced_tail + self.reason_tokens)
                 chunk_values = self._value(_normalise(self._rating_logprobs(state)))

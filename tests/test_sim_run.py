@@ -194,7 +194,7 @@ def test_local_ratings_equal_scoring_each_rating(tmp_path):
     assert ratings[0] == ratings[3]
     argmax = LocalBackend(config, params, tok, batch_size=2, temperature=0.0, reason_tokens=5, rating_mode="argmax")
     assert [r.value for r in argmax.rate(requests, seed=0)] == (np.argmax(probs, axis=1) + 1.0).tolist()
-    greedy._one_pass = False  # tokenizers whose " 1" … " 7" differ in more than a last token: each rating scored
+    greedy.one_pass = False  # tokenizers whose " 1" … " 7" differ in more than a last token: each rating scored
     scored = greedy.rate(requests, seed=0)
     np.testing.assert_allclose([r.value for r in scored], expected_values, atol=1e-5)
     assert [r.reason for r in scored] == [r.reason for r in ratings]
