@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
 
+from sajax import batch as batch_lib
 from sajax import hf, input_pipeline, metrics, sharding
 from sajax import train_step as ts
 from sajax.config import LlamaConfig
@@ -39,13 +39,15 @@ tiny = load_module(Path(__file__).resolve().parent.parent / "configs" / "tiny.py
 
 
 def synthetic_batch(groups, k, t, vocab, seed=0):
+    """Random tokens, all rows full: first half prompt, second half response (the layout of `sajax.batch`)."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, vocab, (groups, k, t)).astype(np.int32)
-    loss_mask = np.zeros((groups, k, t), np.int32)
-    loss_mask[:, :, t // 2:] = 1  # first half prompt, second half response
-    return {"tokens": tokens, "loss_mask": loss_mask, "attention_mask": np.ones_like(tokens),
-            "scores": rng.integers(1, 8, (groups, k)).astype(np.float32), "valid": np.ones((groups, k), bool),
-            "reference_logp": np.zeros((groups, k), np.float32)}
+    batch = {name: np.zeros(s.shape, s.dtype) for name, s in batch_lib.abstract(groups, k, t).items()}
+    batch["tokens"][:] = rng.integers(3, vocab, (groups, k, t))
+    batch["loss_mask"][:, :, t // 2:] = 1
+    batch["attention_mask"][:] = 1
+    batch["scores"][:] = rng.integers(1, 8, (groups, k))
+    batch["valid"][:] = True
+    return batch
 
 
 def train_cfg(groups, t, chunk):
@@ -62,8 +64,7 @@ def run_sajax(config, params, batch, steps, cfg):
     schedule = ts.learning_rate_schedule(cfg.optimizer, 1000)
     shardings = ts.state_shardings(config, tx, mesh)
     with sharding.activation_rules(mesh):
-        state = jax.jit(lambda p: ts.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                        out_shardings=shardings)(params)
+        state = ts.init_state(params, tx, shardings)
         step = ts.make_train_step(config, cfg.train, tx, schedule, mesh, shardings)
         batch = input_pipeline.to_global(batch, mesh)
         for _ in range(2):  # compile + warm-up

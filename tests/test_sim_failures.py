@@ -67,11 +67,14 @@ def test_a_rejected_start_writes_nothing_and_the_corrected_one_runs(tmp_path, se
     workdir = tmp_path / "w"
     (tmp_path / "prior.jsonl").write_text('{"question": "q?", "answer": "a", "label": "neutral"}\n')
     (tmp_path / "broken.jsonl").write_text('{"question": "q?", "answer": "a", "label": "good"}\n{"question": \n')
+    (tmp_path / "questions.txt").write_bytes(b"Is it kind?\nIs it caf\xe9 time?\n")
     closed = JsonServer(lambda *a: (200, b"{}"))
     closed.close()  # nothing listens on its port any more
     cases = [
         (sim_config(prior_file=str(tmp_path / "prior.jsonl")), ValueError, "prior.jsonl line 1: label must be"),
         (sim_config(prior_file=str(tmp_path / "broken.jsonl")), ValueError, "broken.jsonl line 2: not valid JSON"),
+        (sim_config(questions_file=str(tmp_path / "questions.txt")), ValueError,
+         r"questions.txt line 2: not UTF-8 text \(byte 21"),
         (sim_config(**{"backend.kind": "lokal"}), ValueError, "backend.kind must be one of"),
         (sim_config(**{"observer_backend.max_missing_fraction": 1.5}), ValueError,
          "observer_backend.max_missing_fraction must be in"),
