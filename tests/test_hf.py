@@ -107,7 +107,7 @@ def test_missing_files_are_named(tmp_path, gqa_reference):
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         hf.load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+    with pytest.raises(ValueError, match="config.json line 1 column 2: not valid JSON"):
         hf.load_pretrained(tmp_path)
 
 

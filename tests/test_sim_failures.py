@@ -178,3 +178,18 @@ def test_dataset_flags_and_output_folder_are_checked(tmp_path):
                             timeout=120)
     assert result.returncode == 1 and result.stderr.startswith("error: --ratios must be three whole numbers")
     assert not (tmp_path / "ds2").exists()
+
+
+def test_the_missing_share_that_stops_a_stage():
+    from sim.backends import ScriptedBackend
+
+    half = ScriptedBackend(max_missing_fraction=0.5)
+    engine.check_stage(1, "draft", half, missing=4, total=9)  # 44%: the round goes on, those records hold None
+    with pytest.raises(engine.StageFailure, match=r"5 of 9 requests to scripted .*\(more than max_missing_"
+                                                  r"fraction 0.5\)"):
+        engine.check_stage(1, "draft", half, missing=5, total=9)
+    tolerant = ScriptedBackend(max_missing_fraction=1.0)
+    engine.check_stage(1, "draft", tolerant, missing=8, total=9)
+    with pytest.raises(engine.StageFailure, match=r"9 of 9 requests to scripted gave no usable output \(all of them"):
+        engine.check_stage(1, "draft", tolerant, missing=9, total=9)
+    engine.check_stage(1, "feedback", half, missing=0, total=0)  # an empty stage is no failure
