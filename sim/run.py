@@ -166,9 +166,9 @@ def simulate(cfg, workdir: str | Path, *, resume: bool = False, overwrite: bool 
             store.read_round_records(workdir, n, expected=wc.num_agents)
         agents, rng_state = store.load_state(workdir, done)
         rng.bit_generator.state = rng_state
+    else:
+        agents = new_agents(cfg, wc, rng, embedder, prior)  # embeds the prior: a failing embedder stops here
     store.prepare(workdir, config_json, overwrite=overwrite)
-    if not done:
-        agents = new_agents(cfg, wc, rng, embedder, prior)
     society = engine.Society(wc, engine.MemoryConfig(**cfg.memory), agents, rng, embedder, cfg.seed,
                              cfg.world_id)
     with tqdm(total=cfg.rounds, initial=done, desc="rounds", unit="round") as bar:
