@@ -13,8 +13,10 @@ RUNTIME = [
     "absl-py==2.5.1",  # CLI flags; the version ml_collections installs
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     "matplotlib==3.11.2",  # the simulator's metrics plot
+    "gguf==0.19.0",  # llama.cpp GGUF files: metadata and dequantization in numpy
 ]
 TEST = ["pytest==9.2.0", "torch==2.13.0",  # torch: the PyTorch LLaMA reference in tests only
+        "accelerate==1.15.0",  # transformers' own GGUF loading (the reference for sajax's) needs it
         "pandas==3.1.1"]  # pandas: writes test files exactly as the original Stable Alignment project does
 
 setup(
@@ -24,7 +26,7 @@ setup(
     python_requires=">=3.11",
     packages=["sajax", "sajax.configs", "sim"],
     package_dir={"sajax.configs": "configs"},
-    package_data={"sajax": ["assets/*.txt"], "sim": ["assets/*.txt"]},
+    package_data={"sajax": ["assets/*.txt"], "sim": ["assets/*.txt", "assets/*.jsonl"]},
     install_requires=RUNTIME,
     extras_require={"test": TEST},
     entry_points={"console_scripts": [
@@ -33,5 +35,6 @@ setup(
         "sajax-generate=sajax.cli:generate_main",
         "sajax-sim=sim.cli:sim_main",
         "sajax-sim-dataset=sim.cli:dataset_main",
+        "sajax-calibrate=sim.cli:calibrate_main",
     ]},
 )

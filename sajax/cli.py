@@ -2,7 +2,7 @@
 
   sajax-train --config FILE --workdir DIR [--config.key=value ...]   train, or resume the run in DIR
   sajax-export --workdir DIR --out HF_DIR                            latest checkpoint → HF directory
-  sajax-generate [--config FILE] [--model HF_DIR] [--prompt TEXT ...] [--config.key=value ...]
+  sajax-generate [--config FILE] [--model HF_DIR|FILE.gguf|NAME] [--chat] [--prompt TEXT ...] [--config.key=value ...]
 
 Without `--model`, generates with a randomly initialised model of the config's size and the offline demo
 tokenizer: a smoke test of the whole stack on CPU. With `--model`, loads a HF LLaMA directory (safetensors and
@@ -48,7 +48,8 @@ def _generate() -> None:
     mesh = sharding.make_mesh(**cfg.mesh)
     params = jax.device_put(params, sharding.param_shardings(config, mesh))
     prompts = list(_FLAGS.prompt or cfg.generate.prompts)
-    outputs = generate.generate_text(config, params, tok, prompts, max_new_tokens=cfg.generate.max_new_tokens,
+    outputs = generate.generate_text(config, params, tok, prompts, chat=_FLAGS.chat,
+                                     max_new_tokens=cfg.generate.max_new_tokens,
                                      temperature=cfg.generate.temperature, top_k=cfg.generate.top_k,
                                      top_p=cfg.generate.top_p, seed=cfg.seed)
     if jax.process_index() == 0:
@@ -112,8 +113,11 @@ def _export_main(argv) -> None:
 
 def _define_generate_flags() -> None:
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml_collections config file (get_config()).")
-    flags.DEFINE_string("model", None, "HF LLaMA directory (config.json, *.safetensors, tokenizer files).")
+    flags.DEFINE_string("model", None, "HF LLaMA directory (config.json, *.safetensors, tokenizer files), a .gguf "
+                                       "file, or a known model name (SmolLM2-135M-Instruct, fetched once).")
     flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat for a batch. Default: config.generate.prompts.")
+    flags.DEFINE_bool("chat", False, "Send each prompt as a user turn of the model's chat template (stops at its end "
+                                     "of turn).")
 
 
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError)

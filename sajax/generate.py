@@ -81,9 +81,12 @@ def right_pad(sequences: Sequence[Sequence[int]], length_bucket: int) -> tuple[n
 
 
 def stop_token_ids(config: LlamaConfig, tokenizer) -> list[int]:
-    """Every end-of-sequence id of the model (config and generation_config.json) and of the tokenizer."""
+    """Every end-of-sequence id of the model (config and generation_config.json), of the tokenizer, and the end-of-
+    turn token of its chat template."""
+    from sajax.tokenizer import end_of_turn_ids
+
     eos = list(config.eos_token_ids) + ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
-    return list(dict.fromkeys(eos))
+    return list(dict.fromkeys(eos + end_of_turn_ids(tokenizer)))
 
 
 def _order_key(x: jax.Array) -> jax.Array:
@@ -374,10 +377,16 @@ def score_continuations(config: LlamaConfig, params, prompts: Sequence[Sequence[
     return np.asarray(_continuation_logprobs(config, params, ids, mask, continuation_mask))
 
 
-def generate_text(config: LlamaConfig, params, tokenizer, prompts: Sequence[str], **kwargs) -> list[str]:
-    """Text in, text out: encodes with the tokenizer's special tokens (BOS), decodes without them; stops at any
-    end-of-sequence id of the config (and generation_config.json) or of the tokenizer."""
-    encoded = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+def generate_text(config: LlamaConfig, params, tokenizer, prompts: Sequence[str], chat: bool = False,
+                  **kwargs) -> list[str]:
+    """Text in, text out: encodes with the tokenizer's special tokens (BOS) — or, with `chat`, each prompt as a
+    user turn of the tokenizer's chat template — and decodes without them; stops at any end-of-sequence id of the
+    config (and generation_config.json), of the tokenizer, or the template's end of turn."""
+    from sajax.tokenizer import encode_chat, has_chat_template
+
+    if chat and not has_chat_template(tokenizer):
+        raise ValueError("chat: the tokenizer has no chat template")
+    encoded = [encode_chat(tokenizer, p) if chat else tokenizer.encode(p, add_special_tokens=True) for p in prompts]
     kwargs.setdefault("eos_token_id", stop_token_ids(config, tokenizer))
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     out = generate(config, params, encoded, **kwargs)

@@ -28,7 +28,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from sajax import fileutil
+from sajax import fileutil, gguf
 from sajax.config import LlamaConfig
 from sajax.model import stack_layers, unstack_layers
 
@@ -89,7 +89,7 @@ def params_from_hf_state(config: LlamaConfig, tensors, source: str = "checkpoint
     """Our param tree from a mapping HF name → array (numpy or anything `np.asarray` takes).
 
     Raises ValueError naming the tensor when one is missing, unexpected or of the wrong shape."""
-    if isinstance(tensors, _LazyTensors):
+    if hasattr(tensors, "shapes"):  # lazy sources (safetensors files, GGUF) know shapes without reading data
         check_tensors(config, tensors.shapes(), source)
     else:
         check_tensors(config, {name: np.shape(tensors[name]) for name in tensors.keys()}, source)
@@ -161,7 +161,10 @@ class _LazyTensors:
 
 def load_config(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> LlamaConfig:
     """The LlamaConfig of a HF LLaMA directory: `config.json`, plus the end-of-sequence ids of
-    `generation_config.json`; ValueError / FileNotFoundError naming the file that is missing or broken."""
+    `generation_config.json`; ValueError / FileNotFoundError naming the file that is missing or broken. A `.gguf`
+    file: its metadata (`sajax.gguf`)."""
+    if gguf.is_gguf(path):
+        return gguf.load_config(path, param_dtype, **runtime)
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -176,7 +179,9 @@ def load_config(path: str | os.PathLike, param_dtype: str = "float32", **runtime
 def open_tensors(path: str | os.PathLike, config: LlamaConfig) -> _LazyTensors:
     """The safetensors of a HF directory (`model.safetensors` or the shards of `model.safetensors.index.json`),
     checked without reading their data: every file present with a complete header, and every tensor `config`
-    needs with the right shape. Errors name the file or the tensor."""
+    needs with the right shape. Errors name the file or the tensor. A `.gguf` file: its tensor table."""
+    if gguf.is_gguf(path):
+        return gguf.open_tensors(path, config)
     path = Path(path)
     index_file, single = path / "model.safetensors.index.json", path / "model.safetensors"
     if index_file.is_file():
@@ -199,8 +204,11 @@ def open_tensors(path: str | os.PathLike, config: LlamaConfig) -> _LazyTensors:
 
 
 def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> tuple[LlamaConfig, dict]:
-    """(config, params) from a HF LLaMA directory, parameters cast to `param_dtype`. `runtime` sets the other
-    run-time options of `LlamaConfig` (dtype of compute, remat_policy, scan_layers)."""
+    """(config, params) from a HF LLaMA directory or a GGUF file (dequantized tensor by tensor), parameters cast
+    to `param_dtype`. `runtime` sets the other run-time options of `LlamaConfig` (dtype of compute, remat_policy,
+    scan_layers)."""
+    if gguf.is_gguf(path):
+        return gguf.load_pretrained(path, param_dtype, **runtime)
     config = load_config(path, param_dtype, **runtime)
     return config, params_from_hf_state(config, open_tensors(path, config), source=str(path))
 

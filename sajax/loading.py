@@ -1,10 +1,10 @@
-"""A model and its tokenizer, ready for inference: a Hugging Face LLaMA directory, or a random model of a config's
-size with the offline demo tokenizer (a smoke test of the whole stack). Used by `sajax-generate` and by the
-simulator's local backends and embedder."""
+"""A model and its tokenizer, ready for inference: a Hugging Face LLaMA directory, a GGUF file, a known model's
+name (`sajax.known_models`), or a random model of a config's size with the offline demo tokenizer (a smoke test of
+the whole stack). Used by `sajax-generate` and by the simulator's local backends and embedder."""
 
 from __future__ import annotations
 
-from sajax import hf, model, tokenizer
+from sajax import hf, known_models, model, tokenizer
 from sajax.config import LlamaConfig
 
 
@@ -12,6 +12,7 @@ def load_model_and_tokenizer(cfg, model_path: str | None):
     """(config, params, tokenizer). With `model_path`, the checkpoint there (run-time options `dtype`,
     `param_dtype`, `remat_policy`, `scan_layers` from `cfg.model`); without, random params of `cfg.model`
     (seeded by `cfg.seed`) and `cfg.tokenizer` or the demo tokenizer. Writes nothing."""
+    model_path = known_models.resolve(model_path) if model_path else model_path
     if model_path:
         runtime = {k: cfg.model[k] for k in ("dtype", "remat_policy", "scan_layers")}
         config, params = hf.load_pretrained(model_path, param_dtype=cfg.model.param_dtype, **runtime)

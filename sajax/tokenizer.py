@@ -19,7 +19,7 @@ import sentencepiece as spm
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import transformers  # noqa: E402
 
-from sajax import fileutil  # noqa: E402
+from sajax import fileutil, gguf  # noqa: E402
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 _MIN_BYTE_FALLBACK_VOCAB = 320  # 256 byte pieces + special and required pieces
@@ -28,8 +28,14 @@ _MIN_BYTE_FALLBACK_VOCAB = 320  # 256 byte pieces + special and required pieces
 def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
     """A transformers tokenizer from a local directory (no downloads). A directory holding only a SentencePiece
     `tokenizer.model` is read as a LLaMA tokenizer that adds BOS. A tokenizer without a pad token gets EOS as
-    its pad token (batches need one; the masks make its value irrelevant)."""
+    its pad token (batches need one; the masks make its value irrelevant). A `.gguf` file: the tokenizer its
+    metadata describes, chat template included (`sajax.gguf`)."""
     path = Path(path)
+    if gguf.is_gguf(path):
+        tokenizer = gguf.load_tokenizer(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: tokenizer directory not found")
     json_files = [path / name for name in ("tokenizer.json", "tokenizer_config.json") if (path / name).is_file()]
@@ -48,6 +54,32 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_chat(tokenizer, user_text: str, assistant_prefix: str = "") -> list[int]:
+    """Token ids of a one-turn conversation rendered by the tokenizer's chat template, ending where the assistant's
+    reply begins (plus `assistant_prefix`, the first words of that reply, when given). The template writes its own
+    special tokens (BOS included), so none are added here."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer.encode(text + assistant_prefix, add_special_tokens=False)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token a chat template writes right after an assistant message (<|im_end|>, <|eot_id|>, …), so
+    generation can stop there; [] without a template (or when the template ends a turn in plain text)."""
+    if not has_chat_template(tokenizer):
+        return []
+    probe = "sajax-end-of-turn-probe"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                         tokenize=False)
+    after = tokenizer.encode(text.split(probe, 1)[-1], add_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return after[:1] if after and after[0] in special else []
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 512,

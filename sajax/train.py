@@ -28,8 +28,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from sajax import alignment_data, checkpoint, config_files, demo_data, fileutil, hf, input_pipeline, loading
-from sajax import model, sharding
+from sajax import alignment_data, checkpoint, config_files, demo_data, fileutil, hf, input_pipeline
+from sajax import known_models, loading, model, sharding
 from sajax import metrics as metrics_lib
 from sajax import reference as reference_lib
 from sajax import tokenizer as tokenizer_lib
@@ -97,6 +97,11 @@ def check_same_run(cfg, workdir: Path) -> None:
                             "new --workdir, or the same config to resume")
 
 
+def init_from(cfg) -> str:
+    """`cfg.init_from`: a HF folder, a GGUF file or a known model's name (fetched once, `sajax.known_models`)."""
+    return known_models.resolve(cfg.init_from)
+
+
 def model_config(cfg, workdir: Path | None = None) -> LlamaConfig:
     """The architecture: the workdir's `model_config.json` once a run has started there; else `init_from`'s
     config (and generation config), else `cfg.model`. Run-time options always come from `cfg.model`."""
@@ -108,7 +113,7 @@ def model_config(cfg, workdir: Path | None = None) -> LlamaConfig:
             raise ValueError(f"{saved}: expected a JSON object, got {type(hf_config).__name__}")
         return LlamaConfig.from_hf_dict(hf_config, source=str(saved), **runtime)
     if cfg.init_from:
-        return hf.load_config(cfg.init_from, **runtime)
+        return hf.load_config(init_from(cfg), **runtime)
     return LlamaConfig.from_dict(cfg.model)
 
 
@@ -161,7 +166,7 @@ def prepare(cfg, workdir: Path) -> Setup:
     tx = ts.make_optimizer(cfg.optimizer, steps, config)
     shardings = ts.state_shardings(config, tx, mesh)
     if cfg.init_from and not _has_checkpoints(workdir):
-        hf.open_tensors(cfg.init_from, config)  # files complete, every tensor there with its shape
+        hf.open_tensors(init_from(cfg), config)  # files complete, every tensor there with its shape
     reference = None
     reference_file = workdir / reference_lib.FILE
     if cfg.train.objective == "dpo" and reference_file.exists():
@@ -182,7 +187,7 @@ def _tokenizer(cfg, workdir: Path, config: LlamaConfig):
     if (workdir / "tokenizer").is_dir():
         return tokenizer_lib.load_tokenizer(workdir / "tokenizer")
     if cfg.tokenizer or cfg.init_from:
-        return tokenizer_lib.load_tokenizer(cfg.tokenizer or cfg.init_from)
+        return tokenizer_lib.load_tokenizer(cfg.tokenizer or init_from(cfg))
     return tokenizer_lib.demo_tokenizer(config.vocab_size)
 
 
@@ -240,7 +245,7 @@ def commit(setup: Setup) -> None:
 
 def initial_params(cfg, config: LlamaConfig, params_sharding):
     if cfg.init_from:
-        _, params = hf.load_pretrained(cfg.init_from, param_dtype=config.param_dtype,
+        _, params = hf.load_pretrained(init_from(cfg), param_dtype=config.param_dtype,
                                        scan_layers=config.scan_layers)
         return jax.device_put(params, params_sharding)
     init = jax.jit(lambda rng: model.init_params(config, rng), out_shardings=params_sharding)
