@@ -33,7 +33,8 @@ from sajax import model, tokenizer
 from sajax.config import LlamaConfig
 from sajax.config_files import load_config
 from sim import engine, run
-from sim.backends import Backend, LocalBackend
+from sim.backends import Backend
+from sim.local_backend import LocalBackend
 from sim.openai_backend import HTTPClient, OpenAIBackend
 
 

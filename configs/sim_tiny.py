@@ -7,8 +7,10 @@ import ml_collections
 def _backend(kind: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         kind=kind,  # scripted | local | openai
-        model_dir="",  # local: HF LLaMA directory; "" = a random tiny model (demo tokenizer)
-        rating_mode="expected",  # local: expected value or argmax of p(1..7)
+        model_dir="",  # local: HF folder, .gguf file or known name; "" = a random tiny model (demo tokenizer)
+        rating_readout="auto",  # local, alignment: digits | yes_no | generate; auto: yes_no with a chat template
+        engagement_readout="auto",  # local, engagement: the same choices; auto: digits (see sajax-calibrate)
+        rating_mode="expected",  # local: expected value or argmax of the read distribution
         batch_size=8,  # local: rows per jitted call (small on CPU, where big batches spill the caches)
         base_url="http://127.0.0.1:8000/v1", model="", api_key_env="",  # openai: key read from this env var
         temperature=0.7, top_p=0.95, max_new_tokens=48, reason_tokens=32,

@@ -1,5 +1,5 @@
-"""`sajax-sim` (run or resume a simulation) and `sajax-sim-dataset` (its records, or the original project's
-logs, → a TFDS alignment dataset)."""
+"""`sajax-sim` (run or resume a simulation), `sajax-sim-dataset` (its records, or the original project's logs, → a
+TFDS alignment dataset) and `sajax-calibrate` (how well a local model's rating readouts rank labelled answers)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,57 @@ def _dataset_main(argv) -> None:
 
 def dataset_main() -> None:
     run_app(_dataset_main, _define_dataset_flags)
+
+
+def _define_calibrate_flags() -> None:
+    from sim import calibrate
+
+    flags.DEFINE_string("model", None, "The rater: a HF folder, a .gguf file, a known model name, or '' for a random "
+                                       "tiny model.", required=True)
+    flags.DEFINE_string("pairs", str(calibrate.ALIGNMENT_PAIRS), "JSONL {question, aligned, misaligned} (default: the "
+                                                                 "built-in set).")
+    flags.DEFINE_string("engagement", str(calibrate.ENGAGEMENT_PAIRS), "JSONL {question, engaging, dull}; '' to skip.")
+    flags.DEFINE_list("readouts", ["digits", "yes_no", "generate"], "Rating readouts to measure.")
+    flags.DEFINE_integer("limit", 0, "Use only the first N pairs of each set (0: all).")
+    flags.DEFINE_integer("batch_size", 16, "Rows per jitted call.")
+
+
+def _calibrate_main(argv) -> None:
+    del argv
+    import json
+
+    from sajax import loading
+    from sajax.config_files import DEFAULT_CONFIG, load_config
+    from sim import calibrate, prompts
+    from sim.local_backend import LocalBackend
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        for readout in _FLAGS.readouts:
+            if readout not in prompts.READOUTS:
+                raise ValueError(f"--readouts: {readout!r} is not one of {prompts.READOUTS}")
+        sets = [("alignment", calibrate.read_pairs(_FLAGS.pairs, "alignment"))]
+        if _FLAGS.engagement:
+            sets.append(("engagement", calibrate.read_pairs(_FLAGS.engagement, "engagement")))
+        config, params, tok = loading.load_model_and_tokenizer(load_config(DEFAULT_CONFIG), _FLAGS.model)
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    backend = LocalBackend(config, params, tok, temperature=0.0, reason_tokens=0, batch_size=_FLAGS.batch_size)
+    rows = []
+    for aspect, pairs in sets:
+        for readout in _FLAGS.readouts:
+            result = calibrate.measure(backend, pairs[:_FLAGS.limit or None], readout, aspect)
+            print(json.dumps({"model": _FLAGS.model, **result}), flush=True)
+            rows.append(result)
+    sys.stderr.write(f"{'aspect':11s} {'readout':9s} {'n':>4s} {'auc':>6s} {'pairwise':>9s} {'missing':>8s} "
+                     f"{'better':>7s} {'worse':>7s}\n")
+    for r in rows:
+        fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+        sys.stderr.write(f"{r['aspect']:11s} {r['readout']:9s} {r['n']:4d} {fmt(r['auc'], '6.3f')} "
+                         f"{fmt(r['pairwise_accuracy'], '9.3f')} {r['missing']:8d} {fmt(r['mean_better'], '7.2f')} "
+                         f"{fmt(r['mean_worse'], '7.2f')}\n")
+
+
+def calibrate_main() -> None:
+    run_app(_calibrate_main, _define_calibrate_flags)

@@ -22,6 +22,8 @@ from sim.backends import Backend, Rating, Request
 from sim.memory import Memory
 
 STAGES = ("draft", "feedback", "revise", "observe_alignment", "observe_engagement")
+# Scaffolding of the prompts that has no place in an answer: an answer holding one echoes its prompt.
+PROMPT_MARKS = ("Rating:", "Question:", "### Reason", "Revised answer:", "Your answer:", "You replied:")
 
 
 class StageFailure(RuntimeError):
@@ -103,7 +105,8 @@ def run_round(society: Society, round_index: int, questions: list[str], backend:
     step("feedback")
     pairs = [(i, p) for i, a in enumerate(agents) if drafts[i] is not None for p in peers[i]]
     feedback = backend.rate([
-        Request(prompts.feedback(asked[i], drafts[i], society.recall(agents[p], question_vectors[i][None])),
+        Request(prompts.feedback(asked[i], drafts[i], society.recall(agents[p], question_vectors[i][None]),
+                                 backend.rating_readout),
                 asked[i], drafts[i], label=agents[p].label, stage="feedback") for i, p in pairs],
         society.stage_seed(round_index, "feedback")) if pairs else []
     check_stage(round_index, "feedback", backend, sum(r.value is None for r in feedback), len(feedback))
@@ -130,7 +133,8 @@ def run_round(society: Society, round_index: int, questions: list[str], backend:
         step(f"observe {kind}")
         targets = [(i, when, text) for i in to_revise
                    for when, text in (("before", drafts[i]), ("after", revised[i])) if text is not None]
-        requests = [Request(build(asked[i], text), asked[i], text, stage=f"observe_{kind}")
+        readout = observer_backend.rating_readout if kind == "alignment" else observer_backend.engagement_readout
+        requests = [Request(build(asked[i], text, readout), asked[i], text, stage=f"observe_{kind}")
                     for i, _, text in targets for _ in range(num_observers)]
         ratings = observer_backend.rate(requests, society.stage_seed(round_index, f"observe_{kind}")) \
             if requests else []
@@ -170,6 +174,10 @@ def round_metrics(records: list[dict], stats_before: dict, backends, seconds: fl
                "missing_drafts": int(sum(r["draft_answer"] is None for r in records)),
                "missing_revisions": int(sum(r["revised_answer"] is None for r in records
                                             if r["draft_answer"] is not None)),
+               "changed_revisions": int(sum(r["revised_answer"] is not None and r["revised_answer"] != r["draft_answer"]
+                                            for r in records)),
+               "prompt_echoes": int(sum(any(mark in (text or "") for mark in PROMPT_MARKS)
+                                        for r in records for text in (r["draft_answer"], r["revised_answer"]))),
                "stages": {}}
     for backend in {id(b): b for b in backends}.values():
         for stage, now in backend.stats.items():

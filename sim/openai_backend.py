@@ -141,7 +141,8 @@ class OpenAIBackend(Backend):
 
     def _run(self, requests: Sequence[Request], seed: int) -> list[str | None]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(pool.map(lambda ir: self._complete(ir[1].prompt, seed + ir[0]), enumerate(requests)))
+            results = list(pool.map(lambda ir: self._complete(ir[1].prompt.completion, seed + ir[0]),
+                                    enumerate(requests)))
         if requests:
             self._count(requests[0].stage, len(requests), sum(r[1] for r in results), sum(r[2] for r in results))
         return [r[0] for r in results]

@@ -81,6 +81,7 @@ class LocalModels:
 
             tiny = load_config(DEFAULT_CONFIG)  # the random model's size, when there is no model_dir
             tiny.seed = self.seed
+            tiny.model.scan_layers = True  # one scanned layer: a deep model compiles each new shape ~2× faster
             self._cache[model_dir] = loading.load_model_and_tokenizer(tiny, model_dir)
         return self._cache[model_dir]
 
@@ -98,13 +99,14 @@ def make_backend(b, models: LocalModels, name: str):
     if b.kind == "scripted":
         return ScriptedBackend(max_missing_fraction=b.max_missing_fraction)
     if b.kind == "local":
-        from sim.backends import LocalBackend
+        from sim.local_backend import LocalBackend
 
         config, params, tok = models.get(b.model_dir)
         return LocalBackend(config, params, tok, max_new_tokens=b.max_new_tokens, temperature=b.temperature,
                             top_p=b.top_p, reason_tokens=b.reason_tokens, rating_mode=b.rating_mode,
-                            batch_size=b.batch_size, name=f"local:{b.model_dir or 'random-tiny'}",
-                            max_missing_fraction=b.max_missing_fraction)
+                            rating_readout=b.rating_readout, engagement_readout=b.engagement_readout,
+                            batch_size=b.batch_size,
+                            name=f"local:{b.model_dir or 'random-tiny'}", max_missing_fraction=b.max_missing_fraction)
     if not b.model:
         raise ValueError(f"{name}.model must name the served model for kind 'openai'")
     client = HTTPClient(b.base_url, b.api_key_env, timeout=b.timeout, max_retries=b.max_retries)

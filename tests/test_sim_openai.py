@@ -11,6 +11,7 @@ from conftest import JsonServer
 from sim.backends import Request, parse_rating
 from sim.embedders import OpenAIEmbedder
 from sim.openai_backend import BackendError, HTTPClient, OpenAIBackend
+from sim.prompts import Prompt
 
 
 class FakeServer(JsonServer):
@@ -57,10 +58,10 @@ def _backend(url, **kwargs):
 @pytest.mark.parametrize("server", [[429, 500, "sleep", "garbage", "no_choices", 503]], indirect=True)
 def test_survives_429_500_timeouts_and_malformed_bodies(server):
     backend = _backend(server.url, concurrency=1)
-    texts = backend.generate([Request("Q?", "Q?", stage="draft")], seed=1)
+    texts = backend.generate([Request(Prompt("Q?"), "Q?", stage="draft")], seed=1)
     assert texts == ["An answer."]
     assert len(server.seen) == 7  # six failures, then the answer
-    ratings = backend.rate([Request("… Rating:", "Q?", "A", stage="feedback")] * 3, seed=2)
+    ratings = backend.rate([Request(Prompt("…", "Rating:"), "Q?", "A", stage="feedback")] * 3, seed=2)
     assert [r.value for r in ratings] == [5.0] * 3 and ratings[0].reason == "kind and honest."
     assert backend.stats["draft"].calls == 1 and backend.stats["feedback"].prompt_tokens == 21
     assert server.seen[-1][1]["model"] == "test-model" and server.seen[-1][0] == "/v1/chat/completions"
@@ -69,14 +70,14 @@ def test_survives_429_500_timeouts_and_malformed_bodies(server):
 @pytest.mark.parametrize("server", [[500] * 10], indirect=True)
 def test_a_request_that_keeps_failing_is_missing(server):
     backend = _backend(server.url, max_retries=2)
-    assert backend.generate([Request("Q?", "Q?", stage="draft")], seed=0) == [None]
-    assert backend.rate([Request("Rating:", "Q?", "A", stage="feedback")], seed=0)[0].value is None
+    assert backend.generate([Request(Prompt("Q?"), "Q?", stage="draft")], seed=0) == [None]
+    assert backend.rate([Request(Prompt("", "Rating:"), "Q?", "A", stage="feedback")], seed=0)[0].value is None
 
 
 @pytest.mark.parametrize("server", [[401]], indirect=True)
 def test_non_retryable_errors_stop_with_the_servers_message(server):
     with pytest.raises(BackendError, match=r"/v1/chat/completions: HTTP 401"):
-        _backend(server.url).generate([Request("Q?", "Q?", stage="draft")], seed=0)
+        _backend(server.url).generate([Request(Prompt("Q?"), "Q?", stage="draft")], seed=0)
 
 
 def test_key_comes_from_the_environment(server, monkeypatch):

@@ -163,14 +163,17 @@ def test_memories_are_seeded_from_the_prior_by_label(tmp_path):
 def test_local_ratings_equal_scoring_each_rating(tmp_path):
     from sajax import generate, model, tokenizer
     from sajax.config import LlamaConfig
-    from sim.backends import LocalBackend, Request
+    from sim.backends import Request
+    from sim.local_backend import LocalBackend
+    from sim.prompts import Prompt
 
     tok = tokenizer.train_tokenizer(tokenizer.demo_corpus(), tmp_path / "tok", vocab_size=512)
     config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, initializer_range=0.5)
     params = model.init_params(config, 4)
-    prompts = ["Question: Is it kind? Answer: yes.\nRating:", "Question: Lie? Answer: sure.\nRating:", "Rating:"]
-    encoded = [tok.encode(p) for p in prompts + prompts[:1]]
+    instructions = ["Question: Is it kind? Answer: yes.", "Question: Lie? Answer: sure.", "Rate it."]
+    prompts = [Prompt(text, "Rating:", prefill=True) for text in instructions + instructions[:1]]
+    encoded = [tok.encode(p.completion) for p in prompts]  # no chat template: completion prompts
     logp = generate.score_continuations(config, params, [e for e in encoded for _ in range(7)],
                                         [tok.encode(f" {n}", add_special_tokens=False) for n in range(1, 8)] * 4)
     probs = np.exp(logp.reshape(4, 7))
@@ -181,12 +184,13 @@ def test_local_ratings_equal_scoring_each_rating(tmp_path):
     # and the reason decoded — the same reason as generating from the whole text; identical prompts share their
     # prefill
     greedy = LocalBackend(config, params, tok, batch_size=2, temperature=0.0, reason_tokens=5)
-    requests = [Request(p, "q", "a", stage="feedback") for p in prompts + prompts[:1]]
+    assert greedy.rating_readout == "digits" and greedy.digits.one_pass
+    requests = [Request(p, "q", "a", stage="feedback") for p in prompts]
     ratings = greedy.rate(requests, seed=0)
     np.testing.assert_allclose([r.value for r in ratings], expected_values, atol=1e-5)
     marker = tok.encode(" ### Reason:", add_special_tokens=False)
-    full = [e + tok.encode(f" {round(v)}", add_special_tokens=False) + marker
-            for e, v in zip(encoded, expected_values)]
+    full = [e + tok.encode(f" {n}", add_special_tokens=False) + marker
+            for e, n in zip(encoded, np.argmax(probs, axis=1) + 1)]
     out = generate.generate(config, params, full, max_new_tokens=5, share_prefixes=False,
                             eos_token_id=generate.stop_token_ids(config, tok), pad_token_id=tok.pad_token_id)
     assert [r.reason for r in ratings] == [tok.decode(row[:n], skip_special_tokens=True).strip() or None
@@ -194,7 +198,8 @@ def test_local_ratings_equal_scoring_each_rating(tmp_path):
     assert ratings[0] == ratings[3]
     argmax = LocalBackend(config, params, tok, batch_size=2, temperature=0.0, reason_tokens=5, rating_mode="argmax")
     assert [r.value for r in argmax.rate(requests, seed=0)] == (np.argmax(probs, axis=1) + 1.0).tolist()
-    greedy.one_pass = False  # tokenizers whose " 1" … " 7" differ in more than a last token: each rating scored
+    greedy.digits.one_pass = False  # tokenizers whose " 1" … " 7" differ in more than a last token: each scored
+    greedy.digits.prefix = []
     scored = greedy.rate(requests, seed=0)
     np.testing.assert_allclose([r.value for r in scored], expected_values, atol=1e-5)
     assert [r.reason for r in scored] == [r.reason for r in ratings]
