@@ -1,7 +1,8 @@
 """Generation on a real model: sajax (jitted prefill, then a `lax.while_loop` decode over a KV cache) against
 transformers' PyTorch `generate` on the same weights, prompts and settings — SmolLM2-135M-Instruct in fp32 on this
 machine's CPU, greedy, chat prompts, every row generating exactly `--new-tokens` tokens (no early stop), batch 1 and
-batch 16 — and against llama.cpp (llama-cpp-python, the GGUF file itself) when it is installed.
+batch 16 — and against llama.cpp (llama-cpp-python, batch 1) when it is installed: on an F32 copy of the GGUF
+(the weights sajax runs) and on the file as shipped (its own quantized kernels). Every engine uses all CPU cores.
 
     python bench/generation.py [--model SmolLM2-135M-Instruct] [--new-tokens 64] [--batches 1,16] [--repeats 3]
 """
@@ -9,9 +10,13 @@ batch 16 — and against llama.cpp (llama-cpp-python, the GGUF file itself) when
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from pathlib import Path
 
+import gguf as gguf_lib
+import numpy as np
 import torch
 import transformers
 
@@ -53,7 +58,7 @@ def main():
                                                                         dtype=torch.float32).eval()
     else:
         torch_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    torch.set_num_threads(os.cpu_count())
     print(f"{args.model}: fp32, greedy, {args.new_tokens} new tokens per row, torch threads {torch.get_num_threads()}")
     print(f"{'batch':>5s} {'sajax tok/s':>12s} {'PyTorch tok/s':>14s} {'ratio':>6s}")
     for batch in (int(b) for b in args.batches.split(",")):
@@ -89,24 +94,53 @@ def main():
     if not gguf.is_gguf(path):
         print("llama.cpp: not measured (the model is not a GGUF file)")
         return
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False)
-    prompt = tokenizer.encode_chat(tok, QUESTIONS[0])
+    with tempfile.TemporaryDirectory() as tmp:
+        f32_path = Path(tmp) / "f32.gguf"
+        write_f32_copy(path, f32_path)  # the same weights sajax runs, so llama.cpp does the same fp32 work
+        prompt = tokenizer.encode_chat(tok, QUESTIONS[0])
+        sajax_one = best_of(args.repeats, lambda: generate.generate(
+            config, params, [prompt], max_new_tokens=args.new_tokens, eos_token_id=[], pad_token_id=tok.pad_token_id))
+        for label, file in (("F32 (same weights as sajax)", f32_path), (f"{Path(path).name} as shipped", path)):
+            llama_s = llama_cpp_seconds(llama_cpp, file, prompt, args.new_tokens, args.repeats)
+            print(f"llama.cpp {label}, batch 1: {args.new_tokens / llama_s:.1f} tok/s; sajax fp32 batch 1: "
+                  f"{args.new_tokens / sajax_one:.1f} tok/s; ratio {llama_s / sajax_one:.2f}x")
 
-    def llama_run():
-        llm.reset()
+
+def write_f32_copy(source: Path, out: Path) -> None:
+    """`source` with every tensor dequantized to F32 (llama.cpp's layout kept) and its metadata copied."""
+    reader = gguf_lib.GGUFReader(source)
+    arch = reader.fields[gguf_lib.Keys.General.ARCHITECTURE].contents()
+    writer = gguf_lib.GGUFWriter(out, arch)
+    for field in reader.fields.values():
+        if field.name == gguf_lib.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # written by GGUFWriter itself
+        value = field.contents()
+        if field.name == gguf_lib.Keys.General.FILE_TYPE:
+            value = int(gguf_lib.LlamaFileType.ALL_F32)
+        sub_type = field.types[-1] if field.types[0] == gguf_lib.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.asarray(gguf_lib.quants.dequantize(tensor.data, tensor.tensor_type),
+                                                  np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_cpp_seconds(llama_cpp, file: Path, prompt: list[int], new_tokens: int, repeats: int) -> float:
+    """Best wall time of llama.cpp generating `new_tokens` greedy tokens after `prompt` (batch 1, every core)."""
+    llm = llama_cpp.Llama(model_path=str(file), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
+
+    def run():
         generated = 0
         for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
             generated += 1
-            if generated == args.new_tokens:
+            if generated == new_tokens:
                 break
 
-    llama_run()
-    llama_s = best_of(args.repeats, llama_run)
-    sajax_one = best_of(args.repeats, lambda: generate.generate(config, params, [prompt], max_new_tokens=args.new_tokens,
-                                                                eos_token_id=[], pad_token_id=tok.pad_token_id))
-    print(f"llama.cpp (its own Q4_1 kernels, batch 1): {args.new_tokens / llama_s:.1f} tok/s; sajax fp32 batch 1: "
-          f"{args.new_tokens / sajax_one:.1f} tok/s; ratio {llama_s / sajax_one:.2f}x")
-
+    run()  # warm-up
+    return best_of(repeats, run)
 
 if __name__ == "__main__":
     main()

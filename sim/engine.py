@@ -22,9 +22,6 @@ from sim.backends import Backend, Rating, Request
 from sim.memory import Memory
 
 STAGES = ("draft", "feedback", "revise", "observe_alignment", "observe_engagement")
-# Scaffolding of the prompts that has no place in an answer: an answer holding one echoes its prompt.
-PROMPT_MARKS = ("Rating:", "Question:", "### Reason", "Revised answer:", "Your answer:", "You replied:")
-
 
 class StageFailure(RuntimeError):
     """A stage got no usable output for too many of its requests; its round is not committed."""
@@ -71,9 +68,12 @@ class Society:
         return agent.memory.recall(embedding, c.top_k, c.threshold, c.scann_min_size)
 
 
-def _texts(outputs: list[str | None]) -> list[str | None]:
-    """Generated texts, an empty one counted as missing (None)."""
-    return [text if text is not None and text.strip() else None for text in outputs]
+def _answers(outputs: list[str | None]) -> tuple[list[str | None], int]:
+    """(answers, how many were cut): each generated text up to the prompts' scaffolding (`prompts.answer_text`),
+    an empty one counted as missing (None)."""
+    answers = [prompts.answer_text(text) for text in outputs]
+    cut = sum(text is not None and answer != text.strip() for text, answer in zip(outputs, answers))
+    return answers, cut
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -97,7 +97,7 @@ def run_round(society: Society, round_index: int, questions: list[str], backend:
             progress.set_postfix_str(f"round {round_index}: {name}")
 
     step("draft")
-    drafts = _texts(backend.generate([
+    drafts, cut = _answers(backend.generate([
         Request(prompts.draft(q, society.recall(a, v[None])), q, label=a.label, stage="draft")
         for a, q, v in zip(agents, asked, question_vectors)], society.stage_seed(round_index, "draft")))
     check_stage(round_index, "draft", backend, drafts.count(None), len(drafts))
@@ -117,11 +117,12 @@ def run_round(society: Society, round_index: int, questions: list[str], backend:
     step("revise")
     to_revise = [i for i in range(len(agents)) if drafts[i] is not None]
     averages = {i: _mean([r.value for _, r in per_agent[i]]) for i in to_revise}
-    revised_list = _texts(backend.generate([
+    revised_list, revisions_cut = _answers(backend.generate([
         Request(prompts.revise(asked[i], drafts[i], averages[i],
                                [(r.value, r.reason or "(no reason given)") for _, r in per_agent[i]]),
                 asked[i], drafts[i], label=agents[i].label, stage="revise") for i in to_revise],
-        society.stage_seed(round_index, "revise"))) if to_revise else []
+        society.stage_seed(round_index, "revise"))) if to_revise else ([], 0)
+    cut += revisions_cut
     check_stage(round_index, "revise", backend, revised_list.count(None), len(revised_list))
     revised = dict(zip(to_revise, revised_list))
     for i in to_revise:
@@ -156,7 +157,9 @@ def run_round(society: Society, round_index: int, questions: list[str], backend:
                 record[f"gen_{key}_score_{when}"] = _mean([r.value for r in found])
                 record[f"gen_{key}_reasons_{when}"] = [r.reason for r in found]
         records.append(record)
-    return records, round_metrics(records, before, (backend, observer_backend), time.perf_counter() - start)
+    metrics = round_metrics(records, before, (backend, observer_backend), time.perf_counter() - start)
+    metrics["answers_cut_at_scaffolding"] = cut
+    return records, metrics
 
 
 def round_metrics(records: list[dict], stats_before: dict, backends, seconds: float) -> dict:
@@ -176,8 +179,6 @@ def round_metrics(records: list[dict], stats_before: dict, backends, seconds: fl
                                             if r["draft_answer"] is not None)),
                "changed_revisions": int(sum(r["revised_answer"] is not None and r["revised_answer"] != r["draft_answer"]
                                             for r in records)),
-               "prompt_echoes": int(sum(any(mark in (text or "") for mark in PROMPT_MARKS)
-                                        for r in records for text in (r["draft_answer"], r["revised_answer"]))),
                "stages": {}}
     for backend in {id(b): b for b in backends}.values():
         for stage, now in backend.stats.items():

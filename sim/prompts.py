@@ -15,6 +15,10 @@ import dataclasses
 
 VALUES = "harmless; unbiased; honest and helpful"
 READOUTS = ("digits", "yes_no", "generate")
+# The labels these prompts put around their parts. An answer has no use for them: generation stops at the first one
+# (`answer_text`), as a server stops at the `stop` sequences of a request.
+SCAFFOLDING = ("Question:", "Your answer:", "Answer:", "Someone asked you:", "You replied:", "The feedback:",
+               "Revised answer:", "Rating:", "### Reason", "A friend asked:", "Another friend replied:", "Reply:")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +32,15 @@ class Prompt:
     def completion(self) -> str:
         """The text for a completion (non-chat) model: the instruction, then the cue on its own line."""
         return f"{self.instruction}\n{self.cue}" if self.cue else self.instruction
+
+
+def answer_text(text: str | None) -> str | None:
+    """A generated answer up to the first `SCAFFOLDING` label in it, stripped; None when nothing is left (a model
+    that starts by echoing its prompt gave no answer)."""
+    if text is None:
+        return None
+    cut = min([text.find(mark) for mark in SCAFFOLDING if mark in text], default=len(text))
+    return text[:cut].strip() or None
 
 
 def _memory_block(memories: list[tuple[str, str]]) -> str:

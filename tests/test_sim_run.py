@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from conftest import JsonServer, with_overrides
 from sajax import alignment_data, train
 from sajax.config_files import load_config
-from sim import dataset, run, store
+from sim import dataset, prompts, run, store
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BIN = os.path.dirname(sys.executable)
@@ -203,3 +204,21 @@ def test_local_ratings_equal_scoring_each_rating(tmp_path):
     scored = greedy.rate(requests, seed=0)
     np.testing.assert_allclose([r.value for r in scored], expected_values, atol=1e-5)
     assert [r.reason for r in scored] == [r.reason for r in ratings]
+
+
+def test_answers_stop_at_the_prompts_own_labels():
+    """A small model sometimes copies its prompt into its answer ('You replied: "…', '\\nA friend asked: …'): the
+    answer ends at the first label the prompts use, as a server ends at a request's stop sequences."""
+    assert prompts.answer_text('You replied: "Be kind."') is None
+    assert prompts.answer_text("Be kind.\n\nA friend asked: Is it ok?\nYou replied:") == "Be kind."
+    assert prompts.answer_text("  Be kind, because it helps.  ") == "Be kind, because it helps."
+    assert prompts.answer_text("   ") is None and prompts.answer_text(None) is None
+    built = [prompts.draft("Q?", [("Old?", "Old answer.")]), prompts.revise("Q?", "A.", 3.0, [(2.0, "Rude.")]),
+             *(prompts.feedback("Q?", "A.", [], readout) for readout in prompts.READOUTS),
+             *(prompts.observe_engagement("Q?", "A.", readout) for readout in prompts.READOUTS)]
+    labels = {m for prompt in built  # "Question:", "A friend asked:", …: capitalised words and a colon
+              for m in re.findall(r"(?:^|(?<=\. ))[A-Z][a-z]*(?: [a-z]+)*:", prompt.completion, re.MULTILINE)}
+    labels.discard("How engaging is the answer:")  # a question ending in a colon, not a label
+    assert {"Question:", "You replied:", "A friend asked:", "Reply:"} <= labels
+    for label in labels:  # an answer that goes on to copy any labelled part of a prompt is cut before it
+        assert prompts.answer_text(f"Be kind.\n{label} more") == "Be kind.", label
