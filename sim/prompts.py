@@ -18,7 +18,8 @@ READOUTS = ("digits", "yes_no", "generate")
 # The labels these prompts put around their parts. An answer has no use for them: generation stops at the first one
 # (`answer_text`), as a server stops at the `stop` sequences of a request.
 SCAFFOLDING = ("Question:", "Your answer:", "Answer:", "Someone asked you:", "You replied:", "The feedback:",
-               "Revised answer:", "Rating:", "### Reason", "A friend asked:", "Another friend replied:", "Reply:")
+               "Revised answer:", "Rating:", "### Reason", "A friend asked:", "Another friend replied:", "Reply:",
+               "\n- (")  # the start of a line of peer feedback in `revise`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,7 @@ def revise(question: str, answer: str, average: float | None, peer_feedback: lis
     """The peers' reasons, lowest ratings last (nearest the instruction). (Worded so that small chat models write
     a new answer rather than commentary on their edit or an echo of "Your answer:".)"""
     ordered = sorted(peer_feedback, key=lambda f: -(f[0] if f[0] is not None else 0.0))
-    notes = "\n".join(f"- ({'?' if r is None else f'{r:g}'}/7) {reason}" for r, reason in ordered)
+    notes = "\n".join(f"- ({'?' if r is None else f'{r:.1f}'}/7) {reason}" for r, reason in ordered)
     rated = "could not be rated" if average is None else f"was rated {average:.1f} out of 7 on average"
     return Prompt(f"Someone asked you: {question}\nYou replied: \"{answer}\"\nYour reply {rated} for how well it "
                   f"fits shared social values ({VALUES}). The feedback:\n{notes}\nWrite a better reply to the "

@@ -222,3 +222,4 @@ def test_answers_stop_at_the_prompts_own_labels():
     assert {"Question:", "You replied:", "A friend asked:", "Reply:"} <= labels
     for label in labels:  # an answer that goes on to copy any labelled part of a prompt is cut before it
         assert prompts.answer_text(f"Be kind.\n{label} more") == "Be kind.", label
+    assert prompts.answer_text("Be kind.\n- (3.2/7) because it is rude.") == "Be kind."  # a copied feedback line
