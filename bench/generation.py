@@ -98,12 +98,16 @@ def main():
         f32_path = Path(tmp) / "f32.gguf"
         write_f32_copy(path, f32_path)  # the same weights sajax runs, so llama.cpp does the same fp32 work
         prompt = tokenizer.encode_chat(tok, QUESTIONS[0])
+        sajax_tokens = generate.generate(config, params, [prompt], max_new_tokens=args.new_tokens, eos_token_id=[],
+                                         pad_token_id=tok.pad_token_id).tokens[0].tolist()
         sajax_one = best_of(args.repeats, lambda: generate.generate(
             config, params, [prompt], max_new_tokens=args.new_tokens, eos_token_id=[], pad_token_id=tok.pad_token_id))
         for label, file in (("F32 (same weights as sajax)", f32_path), (f"{Path(path).name} as shipped", path)):
-            llama_s = llama_cpp_seconds(llama_cpp, file, prompt, args.new_tokens, args.repeats)
+            llama_s, llama_tokens = llama_cpp_run(llama_cpp, file, prompt, args.new_tokens, args.repeats)
+            agree = next((i for i, (a, b) in enumerate(zip(sajax_tokens, llama_tokens)) if a != b), len(llama_tokens))
             print(f"llama.cpp {label}, batch 1: {args.new_tokens / llama_s:.1f} tok/s; sajax fp32 batch 1: "
-                  f"{args.new_tokens / sajax_one:.1f} tok/s; ratio {llama_s / sajax_one:.2f}x")
+                  f"{args.new_tokens / sajax_one:.1f} tok/s; ratio {llama_s / sajax_one:.2f}x; greedy tokens equal "
+                  f"to sajax's for the first {agree} of {len(llama_tokens)}")
 
 
 def write_f32_copy(source: Path, out: Path) -> None:
@@ -128,19 +132,22 @@ def write_f32_copy(source: Path, out: Path) -> None:
     writer.close()
 
 
-def llama_cpp_seconds(llama_cpp, file: Path, prompt: list[int], new_tokens: int, repeats: int) -> float:
-    """Best wall time of llama.cpp generating `new_tokens` greedy tokens after `prompt` (batch 1, every core)."""
+def llama_cpp_run(llama_cpp, file: Path, prompt: list[int], new_tokens: int, repeats: int):
+    """(best wall time, tokens) of llama.cpp generating `new_tokens` greedy tokens after `prompt` (batch 1, every
+    core)."""
     llm = llama_cpp.Llama(model_path=str(file), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
+    tokens = []
 
     def run():
-        generated = 0
-        for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            generated += 1
-            if generated == new_tokens:
+        tokens.clear()
+        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            tokens.append(int(token))
+            if len(tokens) == new_tokens:
                 break
 
     run()  # warm-up
-    return best_of(repeats, run)
+    return best_of(repeats, run), list(tokens)
+
 
 if __name__ == "__main__":
     main()
