@@ -149,3 +149,60 @@ def _flag_error(error: BaseException) -> None:
         message = message.args[0]
     sys.stderr.write(f"error: bad flag: {message}\nPass --help for usage.\n")
     sys.exit(2)
+
+
+EVALS = ("multiple_choice", "are_you_sure")
+
+
+def _define_eval_flags() -> None:
+    flags.DEFINE_string("model", None, "The model to evaluate: a sajax-train workdir (its newest checkpoint), a HF "
+                                       "folder, a .gguf file or a known model name.", required=True)
+    flags.DEFINE_multi_string("eval", None, f"Evaluation(s) to run: {', '.join(EVALS)}; repeat for several.",
+                              required=True)
+    flags.DEFINE_string("data", None, "Questions: BIG-bench task JSON or HH-RLHF JSONL (default: the built-in "
+                                      "sajax_social_choices set).")
+    flags.DEFINE_string("out", None, "Directory for <eval>.json results (each written whole, replacing the last).")
+    flags.DEFINE_integer("limit", 0, "Use only the first N questions (0: all).")
+    flags.DEFINE_integer("batch_size", 16, "Rows per jitted scoring call.")
+    flags.DEFINE_integer("seed", 0, "Seed of option orders and bootstrap resamples.")
+
+
+def eval_main() -> None:
+    run_app(_eval_main, _define_eval_flags)
+
+
+def _eval_main(argv) -> None:
+    del argv
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from sajax import fileutil
+    from sajax.evals import lm, multiple_choice, sycophancy
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        unknown = [e for e in _FLAGS.eval if e not in EVALS]
+        if unknown:
+            raise ValueError(f"--eval: {unknown} not among {EVALS}")
+        questions = multiple_choice.read(_FLAGS.data or multiple_choice.BUILT_IN)
+        if _FLAGS.limit:
+            questions = dataclasses.replace(questions, items=questions.items[:_FLAGS.limit])
+        model = lm.load(_FLAGS.model, _FLAGS.batch_size)
+    except (ValueError, OSError, checkpoint.CheckpointError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    rows = []
+    for name in _FLAGS.eval:
+        result = (multiple_choice.evaluate(model, questions) if name == "multiple_choice" else
+                  sycophancy.are_you_sure(model, questions, seed=_FLAGS.seed))
+        result = {"model": _FLAGS.model, **result}
+        print(json.dumps(result), flush=True)
+        if _FLAGS.out:
+            Path(_FLAGS.out).mkdir(parents=True, exist_ok=True)
+            fileutil.write_text(Path(_FLAGS.out) / f"{name}.json", json.dumps(result, indent=1) + "\n")
+        rows.extend((name, key, value, result[f"{key}_interval"], result["n"]) for key, value in result.items()
+                    if f"{key}_interval" in result)
+    sys.stderr.write(f"{'eval':16s} {'metric':16s} {'value':>6s} {'95% interval':>15s} {'n':>5s}\n")
+    for name, key, value, (low, high), n in rows:
+        sys.stderr.write(f"{name:16s} {key:16s} {value:6.3f} {f'[{low:.3f}, {high:.3f}]':>15s} {n:5d}\n")

@@ -15,9 +15,21 @@ from sajax import train as train_lib
 from sajax import train_step as ts
 
 
+def is_workdir(path: str | Path) -> bool:
+    """Whether `path` is a sajax-train workdir (its config and a checkpoints folder), not a HF folder."""
+    return (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir()
+
+
 def export(workdir: str, out: str, step: int | None = None) -> tuple[Path, int]:
     """Writes the params of checkpoint `step` (default: the newest readable one) of the run in `workdir` to
     `out`. Errors name what is missing or unreadable; nothing is written then."""
+    config, params, tok, step = restore(workdir, step)
+    return hf.save_pretrained(config, params, out, tokenizer=tok), step
+
+
+def restore(workdir: str | Path, step: int | None = None):
+    """(model config, params, tokenizer, step) of checkpoint `step` (default: the newest readable one) of the run
+    in `workdir`."""
     workdir = Path(workdir).absolute()
     config_file = workdir / "config.json"
     if not config_file.is_file():
@@ -41,5 +53,4 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[Path, int]:
             raise FileNotFoundError(f"{ckpt.directory}: no checkpoint for step {step} (available: {available})")
         else:
             state, _, _ = ckpt.restore(step, abstract)
-    path = hf.save_pretrained(config, state.params, out, tokenizer=tok)
-    return path, step
+    return config, state.params, tok, step

@@ -72,6 +72,25 @@ def test_export_writes_a_transformers_checkpoint(trained, tmp_path):
         "kindly")
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
         export.export(str(workdir), str(tmp_path / "x"), step=7)
+    # sajax-eval takes the workdir itself: the same model as the export (a base model: HH-style text prompts)
+    from sajax.evals import lm, multiple_choice
+    questions = multiple_choice.read(multiple_choice.BUILT_IN)
+    questions.items[4:] = []
+    from_workdir, from_export = lm.load(str(workdir), batch_size=8), lm.load(str(path), batch_size=8)
+    assert not from_workdir.chat
+    assert multiple_choice.evaluate(from_workdir, questions) == multiple_choice.evaluate(from_export, questions)
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "sajax-eval"), f"--model={workdir}",
+                             "--eval=multiple_choice", "--eval=are_you_sure", "--limit=4", f"--out={tmp_path / 'ev'}"],
+                            capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                                 if k != "XLA_FLAGS"}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["eval"] for line in lines] == ["multiple_choice", "are_you_sure"] and lines[0]["n"] == 4
+    assert json.loads((tmp_path / "ev" / "are_you_sure.json").read_text()) == lines[1]
+    assert "flip_rate" in result.stderr  # the table
+    bad = subprocess.run([os.path.join(os.path.dirname(sys.executable), "sajax-eval"), f"--model={workdir}",
+                          "--eval=truthfulness"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and "--eval: ['truthfulness'] not among" in bad.stderr
 
 
 def _train_cli(workdir, *overrides, wait=True):

@@ -1,0 +1,2 @@
+"""Evaluations of a model's social alignment: one module per evaluation, pure functions over a language model
+(`lm.LanguageModel`, or anything with its `loglikelihoods` method) and data; `sajax-eval` is their CLI."""

@@ -1,0 +1,86 @@
+"""A language model as evaluations see it: conversations in, log-likelihoods of continuations out.
+
+A conversation is a list of (role, text) turns, roles "user" and "assistant", ending with a user turn; the
+continuation is the assistant's next reply. A model with a chat template is scored inside it (the reply's tokens
+follow the template's assistant header); one without is given the dialogue as "\\n\\nHuman: …\\n\\nAssistant:" text
+(the HH-RLHF form) and the reply after a space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from sajax import generate, tokenizer as tokenizer_lib
+from sajax.config import LlamaConfig
+
+Conversation = Sequence[tuple[str, str]]
+ROLES = ("user", "assistant")
+
+
+def check_conversation(conversation: Conversation) -> None:
+    if not conversation or conversation[-1][0] != "user":
+        raise ValueError(f"a conversation must end with a user turn, got {list(conversation)[-1:]}")
+    for role, _ in conversation:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; roles are {ROLES}")
+
+
+def as_text(conversation: Conversation) -> str:
+    """The HH-RLHF rendering: "\\n\\nHuman: …\\n\\nAssistant: …" turns, ending with "\\n\\nAssistant:"."""
+    names = {"user": "Human", "assistant": "Assistant"}
+    return "".join(f"\n\n{names[role]}: {text}" for role, text in conversation) + "\n\nAssistant:"
+
+
+@dataclasses.dataclass
+class LanguageModel:
+    config: LlamaConfig
+    params: object
+    tokenizer: object
+    batch_size: int = 16
+
+    @property
+    def chat(self) -> bool:
+        return tokenizer_lib.has_chat_template(self.tokenizer)
+
+    def encode(self, conversation: Conversation, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids): the conversation up to where the assistant's reply starts, and the reply."""
+        check_conversation(conversation)
+        tok = self.tokenizer
+        if self.chat:
+            messages = [{"role": role, "content": text} for role, text in conversation]
+            context = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return tok.encode(context, add_special_tokens=False), tok.encode(continuation, add_special_tokens=False)
+        return (tok.encode(as_text(conversation), add_special_tokens=True),
+                tok.encode(" " + continuation, add_special_tokens=False))
+
+    def loglikelihoods(self, conversations: Sequence[Conversation], continuations: Sequence[str]) -> np.ndarray:
+        """log p(continuation_i | conversation_i), summed over the continuation's tokens; float64 [N]. Rows are scored
+        `batch_size` at a time, sorted by length (fewer padded shapes to compile)."""
+        if len(conversations) != len(continuations):
+            raise ValueError(f"{len(conversations)} conversations but {len(continuations)} continuations")
+        pairs = [self.encode(c, t) for c, t in zip(conversations, continuations)]
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        out = np.zeros(len(pairs), np.float64)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            rows_padded = rows + rows[-1:] * (self.batch_size - len(rows))  # one batch shape per length bucket
+            scores = generate.score_continuations(self.config, self.params, [pairs[i][0] for i in rows_padded],
+                                                  [pairs[i][1] for i in rows_padded])
+            out[rows] = scores[:len(rows)]
+        return out
+
+
+def load(path: str, batch_size: int = 16) -> LanguageModel:
+    """The model at `path`: a sajax-train workdir (its newest checkpoint), a HF folder, a GGUF file or a known
+    model's name (`sajax.known_models`)."""
+    from sajax import export, loading
+    from sajax.config_files import DEFAULT_CONFIG, load_config
+
+    if export.is_workdir(path):
+        config, params, tok, _ = export.restore(path)
+    else:
+        config, params, tok = loading.load_model_and_tokenizer(load_config(DEFAULT_CONFIG), path)
+    return LanguageModel(config, params, tok, batch_size)

@@ -1,0 +1,23 @@
+"""Intervals for per-item scores."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` [n]: the (1−c)/2 and (1+c)/2 quantiles of the means
+    of `resamples` resamples of n items drawn with replacement (seeded, so a result is reproducible)."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        raise ValueError("no items to build an interval from")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
+
+
+def summary(name: str, values) -> dict:
+    """{name: mean, name_interval: [low, high]} (95% bootstrap) of per-item scores."""
+    values = np.asarray(values, np.float64)
+    return {name: float(values.mean()), f"{name}_interval": list(bootstrap_interval(values))}
