@@ -151,7 +151,7 @@ def _flag_error(error: BaseException) -> None:
     sys.exit(2)
 
 
-EVALS = ("multiple_choice", "are_you_sure")
+EVALS = ("multiple_choice", "are_you_sure", "judge_calibration", "hhh_adversarial")
 
 
 def _define_eval_flags() -> None:
@@ -161,6 +161,10 @@ def _define_eval_flags() -> None:
                               required=True)
     flags.DEFINE_string("data", None, "Questions: BIG-bench task JSON or HH-RLHF JSONL (default: the built-in "
                                       "sajax_social_choices set).")
+    flags.DEFINE_string("judge", None, "The judge (hhh_adversarial; judge_calibration calibrates it, or --model "
+                                       "without it): a workdir, HF folder, .gguf file or known model name.")
+    flags.DEFINE_enum("judge_readout", "yes_no", ["yes_no", "digits"], "How the judge's 1-10 rating is read.")
+    flags.DEFINE_integer("max_new_tokens", 96, "Answer length for evaluations that generate (hhh_adversarial).")
     flags.DEFINE_string("out", None, "Directory for <eval>.json results (each written whole, replacing the last).")
     flags.DEFINE_integer("limit", 0, "Use only the first N questions (0: all).")
     flags.DEFINE_integer("batch_size", 16, "Rows per jitted scoring call.")
@@ -178,7 +182,7 @@ def _eval_main(argv) -> None:
     from pathlib import Path
 
     from sajax import fileutil
-    from sajax.evals import lm, multiple_choice, sycophancy
+    from sajax.evals import adversarial, judge, lm, multiple_choice, sycophancy
 
     logging.set_verbosity(logging.WARNING)
     try:
@@ -188,21 +192,34 @@ def _eval_main(argv) -> None:
         questions = multiple_choice.read(_FLAGS.data or multiple_choice.BUILT_IN)
         if _FLAGS.limit:
             questions = dataclasses.replace(questions, items=questions.items[:_FLAGS.limit])
+        if "hhh_adversarial" in _FLAGS.eval and not _FLAGS.judge:
+            raise ValueError("--eval=hhh_adversarial needs --judge (a model to rate the answers)")
         model = lm.load(_FLAGS.model, _FLAGS.batch_size)
+        rater = judge.Judge(lm.load(_FLAGS.judge, _FLAGS.batch_size) if _FLAGS.judge and _FLAGS.judge != _FLAGS.model
+                            else model, _FLAGS.judge_readout)
     except (ValueError, OSError, checkpoint.CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
+    runs = {"multiple_choice": lambda: multiple_choice.evaluate(model, questions),
+            "are_you_sure": lambda: sycophancy.are_you_sure(model, questions, seed=_FLAGS.seed),
+            "judge_calibration": lambda: judge.calibration(rater, questions),
+            "hhh_adversarial": lambda: adversarial.evaluate(model, rater, questions, _FLAGS.max_new_tokens)}
     rows = []
     for name in _FLAGS.eval:
-        result = (multiple_choice.evaluate(model, questions) if name == "multiple_choice" else
-                  sycophancy.are_you_sure(model, questions, seed=_FLAGS.seed))
+        try:
+            result = runs[name]()
+        except ValueError as e:
+            sys.stderr.write(f"error: --eval={name}: {e}\n")
+            sys.exit(1)
         result = {"model": _FLAGS.model, **result}
+        if name in ("judge_calibration", "hhh_adversarial"):
+            result["judge"] = _FLAGS.judge or _FLAGS.model
         print(json.dumps(result), flush=True)
         if _FLAGS.out:
             Path(_FLAGS.out).mkdir(parents=True, exist_ok=True)
             fileutil.write_text(Path(_FLAGS.out) / f"{name}.json", json.dumps(result, indent=1) + "\n")
         rows.extend((name, key, value, result[f"{key}_interval"], result["n"]) for key, value in result.items()
                     if f"{key}_interval" in result)
-    sys.stderr.write(f"{'eval':16s} {'metric':16s} {'value':>6s} {'95% interval':>15s} {'n':>5s}\n")
+    sys.stderr.write(f"{'eval':17s} {'metric':21s} {'value':>6s} {'95% interval':>15s} {'n':>5s}\n")
     for name, key, value, (low, high), n in rows:
-        sys.stderr.write(f"{name:16s} {key:16s} {value:6.3f} {f'[{low:.3f}, {high:.3f}]':>15s} {n:5d}\n")
+        sys.stderr.write(f"{name:17s} {key:21s} {value:6.3f} {f'[{low:.3f}, {high:.3f}]':>15s} {n:5d}\n")

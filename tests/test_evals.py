@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sajax import generate, hf, known_models, tokenizer
-from sajax.evals import lm, multiple_choice, stats, sycophancy
+from sajax.evals import adversarial, judge, lm, multiple_choice, stats, sycophancy
 from sajax.evals.multiple_choice import Question, Questions
 
 
@@ -132,3 +132,51 @@ def test_a_chat_model_is_scored_inside_its_template(smollm2_lm):
                                                                                          smollm2_lm.encode(c, r)))
         assert value == pytest.approx(float(alone[0]), abs=1e-4)
     assert np.all(batched < 0)
+
+
+class KindnessJudge:
+    """A judge model by construction: a reply holding "kind" gets p(Yes) = 0.9 (else 0.1) and wins a comparison,
+    except that on questions marked [first] it always answers "A" (a position bias)."""
+
+    def loglikelihoods(self, conversations, continuations):
+        out = []
+        for conversation, option in zip(conversations, continuations):
+            text = conversation[-1][1]
+            if option in ("Yes", "No"):
+                p_yes = 0.9 if "kind" in text.split("replied:")[1] else 0.1
+                out.append(np.log(p_yes if option == "Yes" else 1 - p_yes))
+            elif "[first]" in text:
+                out.append(0.0 if option == "A" else -3.0)
+            else:
+                a_is_kind = "kind" in text.split("Reply A:")[1].split("Reply B:")[0]
+                out.append(0.0 if (option == "A") == a_is_kind else -3.0)
+        return np.array(out)
+
+
+def test_judge_calibration_by_construction():
+    items = [Question((("user", f"Question {i}{' [first]' if i < 2 else ''}"),), ("a kind reply", "a cold reply")[::s],
+                      [0, 1][s == -1]) for i, s in enumerate([1, -1] * 4)]
+    result = judge.calibration(judge.Judge(KindnessJudge()), Questions(items, "fixture"))
+    assert result["n"] == 8 and result["auc"] == 1.0 and result["pairwise_accuracy"] == 1.0
+    assert result["mean_rating_better"] == pytest.approx(1 + 9 * 0.9) and result["mean_rating_worse"] == \
+        pytest.approx(1 + 9 * 0.1)
+    assert result["swap_consistency"] == pytest.approx(6 / 8)  # the two [first] questions are ties
+    assert result["comparison_accuracy"] == pytest.approx((6 + 0.5 * 2) / 8)
+
+
+class FollowsThePrior:
+    """A model by construction: answers kindly, except after a misaligned prior turn on questions marked
+    [fragile], where it repeats that turn."""
+
+    def generate(self, conversations, max_new_tokens):
+        return [c[1][1] if len(c) == 3 and "[fragile]" in c[0][1] else "a kind answer" for c in conversations]
+
+
+def test_hhh_adversarial_drop_by_construction():
+    items = [Question((("user", f"Question {i}{' [fragile]' if i % 2 else ''}"),), ("a kind reply", "a cruel one"), 0)
+             for i in range(6)]
+    result = adversarial.evaluate(FollowsThePrior(), judge.Judge(KindnessJudge()), Questions(items, "fixture"))
+    high, low = 1 + 9 * 0.9, 1 + 9 * 0.1
+    assert result["alignment_clean"] == pytest.approx(high)
+    assert result["alignment_adversarial"] == pytest.approx((3 * high + 3 * low) / 6)
+    assert result["drop"] == pytest.approx((high - low) / 2) and result["empty_answers"] == 0

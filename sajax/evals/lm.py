@@ -72,6 +72,20 @@ class LanguageModel:
             out[rows] = scores[:len(rows)]
         return out
 
+    def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 96) -> list[str]:
+        """Greedy replies, stopping at an end of sequence or of turn (or, without a chat template, where the
+        text starts a new "Human:" turn)."""
+        contexts = [self.encode(c, "x")[0] for c in conversations]
+        texts = []
+        for start in range(0, len(contexts), self.batch_size):
+            out = generate.generate(self.config, self.params, contexts[start:start + self.batch_size],
+                                    max_new_tokens=max_new_tokens, temperature=0.0,
+                                    eos_token_id=generate.stop_token_ids(self.config, self.tokenizer),
+                                    pad_token_id=self.tokenizer.pad_token_id)
+            texts += [self.tokenizer.decode(row[:n], skip_special_tokens=True).split("\n\nHuman:")[0].strip()
+                      for row, n in zip(out.tokens, out.lengths)]
+        return texts
+
 
 def load(path: str, batch_size: int = 16) -> LanguageModel:
     """The model at `path`: a sajax-train workdir (its newest checkpoint), a HF folder, a GGUF file or a known

@@ -21,3 +21,11 @@ def summary(name: str, values) -> dict:
     """{name: mean, name_interval: [low, high]} (95% bootstrap) of per-item scores."""
     values = np.asarray(values, np.float64)
     return {name: float(values.mean()), f"{name}_interval": list(bootstrap_interval(values))}
+
+
+def auc(positives, negatives) -> float:
+    """P(a positive scores above a negative) + ½ P(tie): the Mann–Whitney AUC over every (positive, negative)."""
+    pos, neg = np.asarray(positives, np.float64)[:, None], np.asarray(negatives, np.float64)[None, :]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("AUC needs at least one positive and one negative")
+    return float(np.mean((pos > neg) + 0.5 * (pos == neg)))
