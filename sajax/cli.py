@@ -3,6 +3,7 @@
   sajax-train --config FILE --workdir DIR [--config.key=value ...]   train, or resume the run in DIR
   sajax-export --workdir DIR --out HF_DIR                            latest checkpoint → HF directory
   sajax-generate [--config FILE] [--model HF_DIR|FILE.gguf|NAME] [--chat] [--prompt TEXT ...] [--config.key=value ...]
+  sajax-eval --model WORKDIR|HF_DIR|FILE.gguf|NAME --eval NAME [--eval ...] [--data FILE] [--judge MODEL] [--out DIR]
 
 Without `--model`, generates with a randomly initialised model of the config's size and the offline demo
 tokenizer: a smoke test of the whole stack on CPU. With `--model`, loads a HF LLaMA directory (safetensors and
@@ -151,7 +152,8 @@ def _flag_error(error: BaseException) -> None:
     sys.exit(2)
 
 
-EVALS = ("multiple_choice", "are_you_sure", "judge_calibration", "hhh_adversarial")
+EVALS = ("multiple_choice", "are_you_sure", "answer_sycophancy", "feedback_sycophancy", "judge_calibration",
+         "hhh_adversarial")
 
 
 def _define_eval_flags() -> None:
@@ -202,6 +204,8 @@ def _eval_main(argv) -> None:
         sys.exit(1)
     runs = {"multiple_choice": lambda: multiple_choice.evaluate(model, questions),
             "are_you_sure": lambda: sycophancy.are_you_sure(model, questions, seed=_FLAGS.seed),
+            "answer_sycophancy": lambda: sycophancy.answer(model, questions, seed=_FLAGS.seed),
+            "feedback_sycophancy": lambda: sycophancy.feedback(judge.Judge(model, _FLAGS.judge_readout), questions),
             "judge_calibration": lambda: judge.calibration(rater, questions),
             "hhh_adversarial": lambda: adversarial.evaluate(model, rater, questions, _FLAGS.max_new_tokens)}
     rows = []
@@ -220,6 +224,6 @@ def _eval_main(argv) -> None:
             fileutil.write_text(Path(_FLAGS.out) / f"{name}.json", json.dumps(result, indent=1) + "\n")
         rows.extend((name, key, value, result[f"{key}_interval"], result["n"]) for key, value in result.items()
                     if f"{key}_interval" in result)
-    sys.stderr.write(f"{'eval':17s} {'metric':21s} {'value':>6s} {'95% interval':>15s} {'n':>5s}\n")
+    sys.stderr.write(f"{'eval':20s} {'metric':21s} {'value':>6s} {'95% interval':>15s} {'n':>5s}\n")
     for name, key, value, (low, high), n in rows:
-        sys.stderr.write(f"{name:17s} {key:21s} {value:6.3f} {f'[{low:.3f}, {high:.3f}]':>15s} {n:5d}\n")
+        sys.stderr.write(f"{name:20s} {key:21s} {value:6.3f} {f'[{low:.3f}, {high:.3f}]':>15s} {n:5d}\n")

@@ -132,6 +132,11 @@ def test_a_chat_model_is_scored_inside_its_template(smollm2_lm):
                                                                                          smollm2_lm.encode(c, r)))
         assert value == pytest.approx(float(alone[0]), abs=1e-4)
     assert np.all(batched < 0)
+    # one-token options (letters, Yes / No, digits) read from one prefill equal scoring each option in full
+    for options in (("Yes", "No"), tuple("ABC"), tuple(str(k) for k in range(1, 10))):
+        fast = smollm2_lm.option_loglikelihoods(conversations[:5], options)
+        full = smollm2_lm.loglikelihoods([c for c in conversations[:5] for _ in options], list(options) * 5)
+        np.testing.assert_allclose(fast, full.reshape(5, len(options)), atol=1e-4)
 
 
 class KindnessJudge:
@@ -180,3 +185,47 @@ def test_hhh_adversarial_drop_by_construction():
     assert result["alignment_clean"] == pytest.approx(high)
     assert result["alignment_adversarial"] == pytest.approx((3 * high + 3 * low) / 6)
     assert result["drop"] == pytest.approx((high - low) / 2) and result["empty_answers"] == 0
+
+
+class SwayedByRemarks:
+    """p(Yes) = 0.5, ± 0.3 when the user says they like / dislike the reply, except on questions marked [firm]."""
+
+    def loglikelihoods(self, conversations, continuations):
+        out = []
+        for conversation, option in zip(conversations, continuations):
+            text = conversation[-1][1]
+            p_yes = 0.5 if "[firm]" in text else 0.5 + 0.3 * (sycophancy.LIKE in text) - 0.3 * (sycophancy.DISLIKE in text)
+            out.append(np.log(p_yes if option == "Yes" else 1 - p_yes))
+        return np.array(out)
+
+
+def test_feedback_sycophancy_shift_by_construction():
+    items = [Question((("user", f"Question {i}{' [firm]' if i < 3 else ''}"),), ("good", "bad"), 0) for i in range(12)]
+    result = sycophancy.feedback(judge.Judge(SwayedByRemarks()), Questions(items, "fixture"))
+    assert result["n"] == 24  # both replies of each question
+    assert result["shift"] == pytest.approx(9 * 0.6 * 9 / 12)  # 1 + 9 p(Yes): 0.8 vs 0.2, on 9 of 12 questions
+    assert result["rating_like"] == pytest.approx(1 + 9 * (0.5 * 3 + 0.8 * 9) / 12)
+
+
+class DefersToSuggestions:
+    """Picks the option holding "right", or, on questions marked [pliable], the option the user suggests."""
+
+    def loglikelihoods(self, conversations, continuations):
+        out = []
+        for conversation, letter in zip(conversations, continuations):
+            asked = conversation[-1][1]
+            options = dict(re.findall(r"^\(([A-J])\) (.*)$", asked, re.MULTILINE))
+            choice = next(k for k, text in options.items() if "right" in text)
+            suggested = re.search(r"I think the answer is \(([A-J])\)", asked)
+            if suggested and "[pliable]" in asked:
+                choice = suggested.group(1)
+            out.append(0.0 if letter == choice else -5.0)
+        return np.array(out)
+
+
+def test_answer_sycophancy_agreement_by_construction():
+    items = [Question((("user", f"Question {i}{' [pliable]' if i % 3 == 0 else ''}"),),
+                      ("wrong one", "the right one", "wrong two", "wrong three"), 1) for i in range(12)]
+    result = sycophancy.answer(DefersToSuggestions(), Questions(items, "fixture"))
+    assert result["agreement"] == pytest.approx(4 / 12) and result["baseline"] == 0.0
+    assert result["shift"] == pytest.approx(4 / 12)

@@ -72,6 +72,27 @@ class LanguageModel:
             out[rows] = scores[:len(rows)]
         return out
 
+    def option_loglikelihoods(self, conversations: Sequence[Conversation], options: Sequence[str]) -> np.ndarray:
+        """log p(option_k | conversation_n) [N, K]. When every option is a single token (letters, Yes / No,
+        digits) one prefill per conversation reads them all from its next-token distribution; otherwise every
+        (conversation, option) row is scored in full (`loglikelihoods`)."""
+        option_ids = [self.encode(conversations[0], o)[1] for o in options] if conversations else []
+        if not all(len(ids) == 1 for ids in option_ids):
+            return _flat_options(self, conversations, options)
+        columns = np.array([ids[0] for ids in option_ids])
+        contexts = [self.encode(c, options[0])[0] for c in conversations]
+        out = np.zeros((len(contexts), len(options)), np.float64)
+        for start in range(0, len(contexts), self.batch_size):
+            rows = contexts[start:start + self.batch_size]
+            rows += rows[-1:] * (self.batch_size - len(rows))  # one batch shape per length bucket
+            state = generate.prefill(self.config, self.params, rows, reserve=1)
+            logits = np.asarray(state.logits, np.float64)
+            logp = logits - logits.max(axis=-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
+            n = min(self.batch_size, len(contexts) - start)
+            out[start:start + n] = logp[:n][:, columns]
+        return out
+
     def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 96) -> list[str]:
         """Greedy replies, stopping at an end of sequence or of turn (or, without a chat template, where the
         text starts a new "Human:" turn)."""
@@ -85,6 +106,20 @@ class LanguageModel:
             texts += [self.tokenizer.decode(row[:n], skip_special_tokens=True).split("\n\nHuman:")[0].strip()
                       for row, n in zip(out.tokens, out.lengths)]
         return texts
+
+
+def _flat_options(model, conversations, options) -> np.ndarray:
+    scores = model.loglikelihoods([c for c in conversations for _ in options], [o for _ in conversations
+                                                                                for o in options])
+    return np.asarray(scores, np.float64).reshape(len(conversations), len(options))
+
+
+def option_loglikelihoods(model, conversations: Sequence[Conversation], options: Sequence[str]) -> np.ndarray:
+    """log p(option_k | conversation_n) [N, K] from any model with `loglikelihoods` (one pass per conversation
+    when it has `option_loglikelihoods`, as `LanguageModel` does)."""
+    if hasattr(model, "option_loglikelihoods"):
+        return model.option_loglikelihoods(conversations, options)
+    return _flat_options(model, conversations, options)
 
 
 def load(path: str, batch_size: int = 16) -> LanguageModel:
