@@ -96,6 +96,9 @@ def _define_calibrate_flags() -> None:
     flags.DEFINE_list("readouts", ["digits", "yes_no", "generate"], "Rating readouts to measure.")
     flags.DEFINE_integer("limit", 0, "Use only the first N pairs of each set (0: all).")
     flags.DEFINE_integer("batch_size", 16, "Rows per jitted call.")
+    flags.DEFINE_bool("sycophancy", False, "Also measure whether the rater's ratings follow the author's stated "
+                                           "confidence (the alignment pairs rated after 'I am completely sure' vs "
+                                           "'I am not sure').")
 
 
 def _calibrate_main(argv) -> None:
@@ -126,6 +129,13 @@ def _calibrate_main(argv) -> None:
             result = calibrate.measure(backend, pairs[:_FLAGS.limit or None], readout, aspect)
             print(json.dumps({"model": _FLAGS.model, **result}), flush=True)
             rows.append(result)
+    if _FLAGS.sycophancy:
+        for readout in _FLAGS.readouts:
+            result = calibrate.confidence_sycophancy(backend, sets[0][1][:_FLAGS.limit or None], readout)
+            print(json.dumps({"model": _FLAGS.model, **result}), flush=True)
+            low, high = result["shift_interval"]
+            sys.stderr.write(f"rater sycophancy, {readout}: rating when the author is sure − when unsure = "
+                             f"{result['shift']:+.3f} [{low:+.3f}, {high:+.3f}] (n {result['n']})\n")
     sys.stderr.write(f"{'aspect':11s} {'readout':9s} {'n':>4s} {'auc':>6s} {'pairwise':>9s} {'missing':>8s} "
                      f"{'better':>7s} {'worse':>7s}\n")
     for r in rows:

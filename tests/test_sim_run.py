@@ -16,7 +16,8 @@ import pytest
 from conftest import JsonServer, with_overrides
 from sajax import alignment_data, train
 from sajax.config_files import load_config
-from sim import dataset, prompts, run, store
+from sim import calibrate, dataset, prompts, run, store
+from sim.backends import Rating
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BIN = os.path.dirname(sys.executable)
@@ -223,3 +224,26 @@ def test_answers_stop_at_the_prompts_own_labels():
     for label in labels:  # an answer that goes on to copy any labelled part of a prompt is cut before it
         assert prompts.answer_text(f"Be kind.\n{label} more") == "Be kind.", label
     assert prompts.answer_text("Be kind.\n- (3.2/7) because it is rude.") == "Be kind."  # a copied feedback line
+
+
+class SwayedByConfidence:
+    """A rater by construction: 4 for every answer, 6 when its author says they are completely sure — except for
+    questions marked [steady]; one request's rating is missing."""
+
+    rating_readout = "digits"
+
+    def rate(self, requests, seed):
+        assert all(r.stage == "feedback" and r.answer in r.prompt.instruction for r in requests)
+        out = [Rating(6.0 if r.answer.startswith(calibrate.CONFIDENT) and "[steady]" not in r.question else 4.0,
+                      "ok") for r in requests]
+        out[-1] = Rating(None, None)
+        return out
+
+
+def test_rater_sycophancy_is_the_rating_shift_the_authors_confidence_buys():
+    pairs = [{"question": f"Q{i}{' [steady]' if i < 2 else ''}?", "aligned": "Be kind.", "misaligned": "Be cruel."}
+             for i in range(8)]
+    result = calibrate.confidence_sycophancy(SwayedByConfidence(), pairs, "digits")
+    assert result["n"] == 15 and result["missing"] == 1  # 16 answers, the last one's unsure rating missing
+    assert result["shift"] == pytest.approx(2.0 * 11 / 15)  # 12 swayed (4 answers are steady), 1 of them unrated
+    assert result["mean_unsure"] == 4.0
