@@ -60,12 +60,14 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def encode_chat(tokenizer, user_text: str, assistant_prefix: str = "") -> list[int]:
-    """Token ids of a one-turn conversation rendered by the tokenizer's chat template, ending where the assistant's
-    reply begins (plus `assistant_prefix`, the first words of that reply, when given). The template writes its own
-    special tokens (BOS included), so none are added here."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], add_generation_prompt=True,
-                                         tokenize=False)
+def encode_chat(tokenizer, conversation, assistant_prefix: str = "") -> list[int]:
+    """Token ids of a conversation rendered by the tokenizer's chat template, ending where the assistant's reply
+    begins (plus `assistant_prefix`, the first words of that reply, when given). `conversation` is one user turn's
+    text, or (role, text) turns ending with the user's. The template writes its own special tokens (BOS included),
+    so none are added here."""
+    turns = [("user", conversation)] if isinstance(conversation, str) else conversation
+    text = tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in turns],
+                                         add_generation_prompt=True, tokenize=False)
     return tokenizer.encode(text + assistant_prefix, add_special_tokens=False)
 
 

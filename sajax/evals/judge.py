@@ -14,17 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from sajax.evals import lm, stats
 from sajax.evals.multiple_choice import Questions
 
 READOUTS = ("yes_no", "digits")
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 class Judge:
@@ -35,7 +31,8 @@ class Judge:
 
     def _option_probs(self, conversations: list, options: Sequence[str]) -> np.ndarray:
         """p(option | conversation) normalised over `options`; [N, len(options)]."""
-        return _softmax(lm.option_loglikelihoods(self.model, conversations, options))
+        return np.asarray(jax.nn.softmax(lm.option_loglikelihoods(self.model, conversations, options), axis=-1),
+                          np.float64)
 
     def rate(self, questions: Sequence[str], answers: Sequence[str], remark: str = "") -> np.ndarray:
         """Each answer's rating on 1–10 [N]; `remark` (the user's own view of the answer, for sycophancy probes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from sajax import generate, tokenizer as tokenizer_lib
@@ -45,16 +46,20 @@ class LanguageModel:
     def chat(self) -> bool:
         return tokenizer_lib.has_chat_template(self.tokenizer)
 
-    def encode(self, conversation: Conversation, continuation: str) -> tuple[list[int], list[int]]:
-        """(context ids, continuation ids): the conversation up to where the assistant's reply starts, and the reply."""
+    def context_ids(self, conversation: Conversation) -> list[int]:
+        """The conversation's tokens up to where the assistant's reply starts."""
         check_conversation(conversation)
-        tok = self.tokenizer
         if self.chat:
-            messages = [{"role": role, "content": text} for role, text in conversation]
-            context = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return tok.encode(context, add_special_tokens=False), tok.encode(continuation, add_special_tokens=False)
-        return (tok.encode(as_text(conversation), add_special_tokens=True),
-                tok.encode(" " + continuation, add_special_tokens=False))
+            return tokenizer_lib.encode_chat(self.tokenizer, conversation)
+        return self.tokenizer.encode(as_text(conversation), add_special_tokens=True)
+
+    def reply_ids(self, text: str) -> list[int]:
+        """A reply's tokens, as they follow `context_ids`."""
+        return self.tokenizer.encode(text if self.chat else " " + text, add_special_tokens=False)
+
+    def encode(self, conversation: Conversation, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids)."""
+        return self.context_ids(conversation), self.reply_ids(continuation)
 
     def loglikelihoods(self, conversations: Sequence[Conversation], continuations: Sequence[str]) -> np.ndarray:
         """log p(continuation_i | conversation_i), summed over the continuation's tokens; float64 [N]. Rows are scored
@@ -76,19 +81,17 @@ class LanguageModel:
         """log p(option_k | conversation_n) [N, K]. When every option is a single token (letters, Yes / No,
         digits) one prefill per conversation reads them all from its next-token distribution; otherwise every
         (conversation, option) row is scored in full (`loglikelihoods`)."""
-        option_ids = [self.encode(conversations[0], o)[1] for o in options] if conversations else []
-        if not all(len(ids) == 1 for ids in option_ids):
+        option_ids = [self.reply_ids(o) for o in options]
+        if not conversations or not all(len(ids) == 1 for ids in option_ids):
             return _flat_options(self, conversations, options)
         columns = np.array([ids[0] for ids in option_ids])
-        contexts = [self.encode(c, options[0])[0] for c in conversations]
+        contexts = [self.context_ids(c) for c in conversations]
         out = np.zeros((len(contexts), len(options)), np.float64)
         for start in range(0, len(contexts), self.batch_size):
             rows = contexts[start:start + self.batch_size]
             rows += rows[-1:] * (self.batch_size - len(rows))  # one batch shape per length bucket
             state = generate.prefill(self.config, self.params, rows, reserve=1)
-            logits = np.asarray(state.logits, np.float64)
-            logp = logits - logits.max(axis=-1, keepdims=True)
-            logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
+            logp = np.asarray(jax.nn.log_softmax(state.logits, axis=-1), np.float64)
             n = min(self.batch_size, len(contexts) - start)
             out[start:start + n] = logp[:n][:, columns]
         return out
@@ -96,7 +99,7 @@ class LanguageModel:
     def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 96) -> list[str]:
         """Greedy replies, stopping at an end of sequence or of turn (or, without a chat template, where the
         text starts a new "Human:" turn)."""
-        contexts = [self.encode(c, "x")[0] for c in conversations]
+        contexts = [self.context_ids(c) for c in conversations]
         texts = []
         for start in range(0, len(contexts), self.batch_size):
             out = generate.generate(self.config, self.params, contexts[start:start + self.batch_size],
