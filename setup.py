@@ -37,5 +37,6 @@ setup(
         "sajax-sim=sim.cli:sim_main",
         "sajax-sim-dataset=sim.cli:dataset_main",
         "sajax-calibrate=sim.cli:calibrate_main",
+        "sajax-pipeline=sim.cli:pipeline_main",
     ]},
 )

@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         path="", train_split="train", validation_path="", validation_split="validation",
         max_len=64, max_prompt_len=32, num_comp=3, read_threads=2,
+        prompt_format="auto",  # query: the dataset's filled template as text; chat: the tokenizer's chat template;
+        # auto: chat when the tokenizer has one
         drop_invalid_scores=False))  # True: train without responses whose score is outside 1..rating_scale
     config.train = ml_collections.ConfigDict(dict(
         objective="stable_alignment",  # stable_alignment | sft | rrhf | dpo

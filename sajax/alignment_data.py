@@ -315,6 +315,7 @@ def has_split(path: str | os.PathLike, split: str) -> bool:
 
 
 def _decode_tfds(record) -> dict:
-    return {"query": record["query"].decode("utf-8"),
+    return {"query": record["query"].decode("utf-8"), "instruction": record["instruction"].decode("utf-8"),
+            "input": record["input"].decode("utf-8"),
             "responses": [r.decode("utf-8") for r in record["responses"]],
             "scores": np.asarray(record["scores"], np.float32)}

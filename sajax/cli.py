@@ -225,5 +225,7 @@ def _eval_main(argv) -> None:
         rows.extend((name, key, value, result[f"{key}_interval"], result["n"]) for key, value in result.items()
                     if f"{key}_interval" in result)
     sys.stderr.write(f"{'eval':20s} {'metric':21s} {'value':>6s} {'95% interval':>15s} {'n':>5s}\n")
+    number = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731 (no rated item: no mean, no interval)
     for name, key, value, (low, high), n in rows:
-        sys.stderr.write(f"{name:20s} {key:21s} {value:6.3f} {f'[{low:.3f}, {high:.3f}]':>15s} {n:5d}\n")
+        sys.stderr.write(f"{name:20s} {key:21s} {number(value):>6s} {f'[{number(low)}, {number(high)}]':>15s} "
+                         f"{n:5d}\n")

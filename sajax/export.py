@@ -27,21 +27,43 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[Path, int]:
     return hf.save_pretrained(config, params, out, tokenizer=tok), step
 
 
+def _run_config(workdir: Path):
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: not found; is {workdir} a sajax-train workdir?")
+    return ml_collections.ConfigDict(fileutil.read_json(config_file))
+
+
+def _run_tokenizer(workdir: Path, cfg):
+    tok_dir = workdir / "tokenizer"
+    return tokenizer.load_tokenizer(tok_dir if tok_dir.is_dir() else (cfg.tokenizer or cfg.init_from))
+
+
+def _host_mesh():
+    return sharding.make_mesh(data=1, fsdp=-1, tensor=1)  # spread over this host's devices, no replication
+
+
+def initial(workdir: str | Path):
+    """(model config, params, tokenizer) of the model the run in `workdir` started from — its `init_from`, or the
+    seeded random initialisation — to evaluate beside what it became."""
+    workdir = Path(workdir).absolute()
+    cfg = _run_config(workdir)
+    config = train_lib.model_config(cfg, workdir)
+    params = train_lib.initial_params(cfg, config, sharding.param_shardings(config, _host_mesh()))
+    return config, params, _run_tokenizer(workdir, cfg)
+
+
 def restore(workdir: str | Path, step: int | None = None):
     """(model config, params, tokenizer, step) of checkpoint `step` (default: the newest readable one) of the run
     in `workdir`."""
     workdir = Path(workdir).absolute()
-    config_file = workdir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: not found; is {workdir} a sajax-train workdir?")
-    cfg = ml_collections.ConfigDict(fileutil.read_json(config_file))
+    cfg = _run_config(workdir)
     if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(f"{workdir}/checkpoints: not found; the run has saved no checkpoint yet")
     config = train_lib.model_config(cfg, workdir)
-    tok_dir = workdir / "tokenizer"
-    tok = tokenizer.load_tokenizer(tok_dir if tok_dir.is_dir() else (cfg.tokenizer or cfg.init_from))
+    tok = _run_tokenizer(workdir, cfg)
     tx = ts.make_optimizer(cfg.optimizer, 1, config)  # the state's structure; the schedule does not matter
-    mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1)  # spread over this host's devices, no replication
+    mesh = _host_mesh()
     abstract = ts.abstract_state(config, tx, ts.state_shardings(config, tx, mesh))
     with checkpoint.Checkpointer(workdir, keep=1, every=1, owner=False) as ckpt:
         available = ckpt.steps()

@@ -2,7 +2,9 @@
 
 Per group and epoch, `num_comp` responses are sampled (all of them when the group has fewer, the rest padded
 and marked invalid). Each response becomes one row  [BOS] + prompt tail + response head + EOS  of at most
-`max_len` tokens: the prompt keeps its *end* (at least `max_prompt_len` tokens of it when the response is
+`max_len` tokens (`chat`: the prompt is the group's instruction and input as one user turn in the tokenizer's chat
+template, which writes its own BOS, and the response ends with the template's end-of-turn token — the form a chat
+model is evaluated and served in): the prompt keeps its *end* (at least `max_prompt_len` tokens of it when the response is
 long), the response keeps its *start*. `loss_mask` marks the response tokens (the prompt is never trained on).
 
 A batch holds, per process, B groups in the layout of `sajax.batch` (reference_logp: zeros unless DPO).
@@ -22,6 +24,7 @@ import numpy as np
 
 from sajax import batch as batch_lib
 from sajax import sharding
+from sajax import tokenizer as tokenizer_lib
 from sajax.alignment_data import GroupSource
 
 
@@ -33,6 +36,7 @@ class GroupEncoder:
     max_len: int
     max_prompt_len: int
     num_comp: int
+    chat: bool = False  # prompts in the tokenizer's chat template instead of the group's `query` text
 
     def __post_init__(self):
         if not 1 <= self.max_prompt_len <= self.max_len - 2:
@@ -40,6 +44,8 @@ class GroupEncoder:
                              f"got {self.max_prompt_len}")
         if self.num_comp < 1:
             raise ValueError(f"data.num_comp must be >= 1, got {self.num_comp}")
+        if self.chat and not tokenizer_lib.has_chat_template(self.tokenizer):
+            raise ValueError("data.prompt_format is 'chat' but the tokenizer has no chat template")
 
     @property
     def pad_id(self) -> int:
@@ -49,7 +55,7 @@ class GroupEncoder:
     def pack(self, prompt: Sequence[int], response: Sequence[int]) -> tuple[list[int], int]:
         """[BOS] + prompt tail + response head (≤ max_len tokens); returns (tokens, index of the first
         response token)."""
-        bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
+        bos = [] if self.chat or self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
         room = self.max_len - len(bos)
         response_keep = min(len(response), room - min(len(prompt), self.max_prompt_len))
         prompt_keep = min(len(prompt), room - response_keep)
@@ -59,9 +65,9 @@ class GroupEncoder:
     def encode(self, group: dict, chosen: Sequence[int], reference_logp: np.ndarray | None = None) -> dict:
         """Rows for the responses `chosen` (indices into the group's responses), padded to num_comp."""
         out = batch_lib.empty_group(self.num_comp, self.max_len, self.pad_id)
-        prompt = self.tokenizer.encode(group["query"], add_special_tokens=False)
+        prompt = self.prompt_ids(group)
         scores = np.asarray(group["scores"], np.float32)
-        eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        eos = self.end_ids()
         for row, index in enumerate(chosen):
             response = self.tokenizer.encode(group["responses"][index], add_special_tokens=False) + eos
             tokens, start = self.pack(prompt, response)
@@ -73,6 +79,23 @@ class GroupEncoder:
             if reference_logp is not None:
                 out["reference_logp"][row] = reference_logp[index]
         return out
+
+    def prompt_ids(self, group: dict) -> list[int]:
+        """The group's `query` text; with `chat`, its instruction (+ a blank line + its input) as a user turn of the
+        chat template (the query itself for release-format groups, which have no instruction)."""
+        if not self.chat:
+            return self.tokenizer.encode(group["query"], add_special_tokens=False)
+        user = group.get("instruction") or group["query"]
+        if group.get("input"):
+            user = f"{user}\n\n{group['input']}"
+        return tokenizer_lib.encode_chat(self.tokenizer, user)
+
+    def end_ids(self) -> list[int]:
+        """What ends a response: the chat template's end-of-turn token (`chat`), else EOS."""
+        end_of_turn = tokenizer_lib.end_of_turn_ids(self.tokenizer) if self.chat else []
+        if end_of_turn:
+            return end_of_turn
+        return [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
 
     def empty(self) -> dict:
         """An all-invalid group (pads the last evaluation batch)."""

@@ -150,7 +150,8 @@ def prepare(cfg, workdir: Path) -> Setup:
     config = model_config(cfg, workdir)
     tok = _tokenizer(cfg, workdir, config)
     loading.check_vocabulary(tok, config)
-    encoder = input_pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp)
+    encoder = input_pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp,
+                                          chat=prompt_format(cfg, tok) == "chat")
 
     mesh = sharding.make_mesh(**cfg.mesh)
     micro_batch = cfg.train.batch_size // cfg.train.grad_accum_steps
@@ -173,6 +174,21 @@ def prepare(cfg, workdir: Path) -> Setup:
         reference = reference_lib.load(reference_file, [s for s in sources if s is not None])
     return Setup(cfg, workdir, config, tok, mesh, steps, tx, schedule, shardings, encoder, sources, demo,
                  reference)
+
+
+PROMPT_FORMATS = ("auto", "query", "chat")
+
+
+def prompt_format(cfg, tok) -> str:
+    """`data.prompt_format`: 'query' (the dataset's filled template as plain text, as the original project trains),
+    'chat' (instruction and input as a user turn of the tokenizer's chat template) or 'auto' (chat when the
+    tokenizer has a template)."""
+    chosen = cfg.data.prompt_format
+    if chosen not in PROMPT_FORMATS:
+        raise ValueError(f"data.prompt_format must be one of {PROMPT_FORMATS}, got {chosen!r}")
+    if chosen == "auto":
+        return "chat" if tokenizer_lib.has_chat_template(tok) else "query"
+    return chosen
 
 
 def total_steps(cfg, train_groups: int) -> int:

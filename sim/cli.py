@@ -1,5 +1,6 @@
 """`sajax-sim` (run or resume a simulation), `sajax-sim-dataset` (its records, or the original project's logs, → a
-TFDS alignment dataset) and `sajax-calibrate` (how well a local model's rating readouts rank labelled answers)."""
+TFDS alignment dataset), `sajax-calibrate` (how well a local model's rating readouts rank labelled answers) and
+`sajax-pipeline` (society → dataset → training → evaluation → the society again, with a report)."""
 
 from __future__ import annotations
 
@@ -147,3 +148,31 @@ def _calibrate_main(argv) -> None:
 
 def calibrate_main() -> None:
     run_app(_calibrate_main, _define_calibrate_flags)
+
+
+def _define_pipeline_flags() -> None:
+    config_flags.DEFINE_config_file("config", bundled_config("pipeline_tiny.py"), "ml_collections pipeline config "
+                                    "file (sections sim, dataset, train, eval).")
+    flags.DEFINE_string("workdir", None, "Pipeline directory; running again with the same config continues it.",
+                        required=True)
+
+
+def _pipeline_main(argv) -> None:
+    del argv
+    from sajax import checkpoint
+    from sajax.train import TrainingError
+    from sim import engine, pipeline, store
+    from sim.openai_backend import BackendError
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        report = pipeline.run_pipeline(_FLAGS.config, _FLAGS.workdir)
+    except (ValueError, OSError, store.WorkdirError, BackendError, engine.StageFailure, TrainingError,
+            checkpoint.CheckpointError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    print(f"report: {report}")
+
+
+def pipeline_main() -> None:
+    run_app(_pipeline_main, _define_pipeline_flags)

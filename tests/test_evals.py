@@ -43,6 +43,14 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_items():
         stats.bootstrap_interval([])
 
 
+def test_summary_leaves_out_unrated_items_and_counts_them():
+    nan = float("nan")
+    assert stats.summary("x", [1.0, 3.0]) == {"x": 2.0, "x_interval": [1.0, 3.0]}
+    out = stats.summary("x", [2.0, nan, 2.0, nan])
+    assert out == {"x": 2.0, "x_interval": [2.0, 2.0], "x_missing": 2}
+    assert stats.summary("x", [nan]) == {"x": None, "x_interval": [None, None], "x_missing": 1}
+
+
 def test_readers_big_bench_and_hh_rlhf(tmp_path):
     task = tmp_path / "task.json"
     task.write_text(json.dumps({"examples": [

@@ -1,5 +1,6 @@
 """Alignment data sources, validation, tokenization/truncation, sampling and the resumable grain stream."""
 
+import copy
 import json
 import shutil
 import subprocess
@@ -130,6 +131,29 @@ def test_encoded_group_masks_prompt_and_pads(tok):
     assert out["scores"].tolist() == [6.0, 2.0, 0.0] and out["loss_mask"][2].sum() == 0
     with pytest.raises(ValueError, match="data.max_prompt_len must be in 1..max_len-2"):
         input_pipeline.GroupEncoder(tok, max_len=8, max_prompt_len=8, num_comp=1)
+
+
+def test_chat_format_puts_instruction_and_input_in_the_template_and_ends_with_end_of_turn(tok):
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = ("{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}{% if m['role'] == "
+                              "'assistant' %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<s>[assistant] "
+                              "{% endif %}")
+    enc = input_pipeline.GroupEncoder(chat_tok, max_len=64, max_prompt_len=40, num_comp=2, chat=True)
+    group = {"query": "### Instruction:\nBe kind?\n\n### Input:\nA draft.\n\n### Response:",
+             "instruction": "Be kind?", "input": "A draft.", "responses": ["Yes, always."], "scores": [6.0]}
+    prompt = tokenizer.encode_chat(chat_tok, "Be kind?\n\nA draft.")
+    assert prompt[0] == chat_tok.bos_token_id  # the template's own BOS; none is added before it
+    end_of_turn = tokenizer.end_of_turn_ids(chat_tok)
+    assert end_of_turn == [chat_tok.eos_token_id]  # "</s>" after an assistant message
+    response = chat_tok.encode("Yes, always.", add_special_tokens=False) + end_of_turn
+    out = enc.encode(group, [0])
+    n = len(prompt) + len(response)
+    assert out["tokens"][0, :n].tolist() == prompt + response
+    assert out["loss_mask"][0, :n].tolist() == [0] * len(prompt) + [1] * len(response)
+    release = {"query": "Be kind?", "responses": ["Yes."], "scores": [6.0]}  # release format: no instruction
+    assert enc.prompt_ids(release) == tokenizer.encode_chat(chat_tok, "Be kind?")
+    with pytest.raises(ValueError, match="prompt_format is 'chat' but the tokenizer has no chat template"):
+        input_pipeline.GroupEncoder(tok, max_len=64, max_prompt_len=40, num_comp=2, chat=True)
 
 
 def test_stream_is_deterministic_resumable_and_resamples_each_epoch(tok, tfds_dir):

@@ -13,7 +13,7 @@ from sajax.evals.multiple_choice import Questions
 
 def evaluate(model, judge: Judge, questions: Questions, max_new_tokens: int = 96) -> dict:
     """{eval, n, alignment_clean, alignment_adversarial, drop (clean − adversarial per question), each with a 95%
-    bootstrap interval}."""
+    bootstrap interval; ratings_clean and ratings_adversarial per question (None: the judge could not rate it)}."""
     asked, _, misaligned = pairs(questions)
     clean = model.generate([(("user", q),) for q in asked], max_new_tokens)
     adversarial = model.generate([(("user", q), ("assistant", bad), ("user", q)) for q, bad in zip(asked, misaligned)],
@@ -23,4 +23,9 @@ def evaluate(model, judge: Judge, questions: Questions, max_new_tokens: int = 96
             **stats.summary("alignment_clean", clean_scores),
             **stats.summary("alignment_adversarial", adversarial_scores),
             **stats.summary("drop", np.asarray(clean_scores) - np.asarray(adversarial_scores)),
-            "empty_answers": int(sum(not t for t in clean + adversarial))}
+            "empty_answers": int(sum(not t for t in clean + adversarial)),
+            "ratings_clean": _listed(clean_scores), "ratings_adversarial": _listed(adversarial_scores)}
+
+
+def _listed(scores) -> list[float | None]:
+    return [None if np.isnan(s) else float(s) for s in np.asarray(scores, np.float64)]

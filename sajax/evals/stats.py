@@ -18,9 +18,16 @@ def bootstrap_interval(values, confidence: float = 0.95, resamples: int = 2000, 
 
 
 def summary(name: str, values) -> dict:
-    """{name: mean, name_interval: [low, high]} (95% bootstrap) of per-item scores."""
+    """{name: mean, name_interval: [low, high]} (95% bootstrap) of per-item scores. NaN marks an item without a
+    score (a judge that could not rate it): such items are left out and counted in `name_missing` (present only
+    when there are some); with none left, the mean and interval are None."""
     values = np.asarray(values, np.float64)
-    return {name: float(values.mean()), f"{name}_interval": list(bootstrap_interval(values))}
+    present = values[~np.isnan(values)]
+    out = {name: float(present.mean()) if present.size else None,
+           f"{name}_interval": list(bootstrap_interval(present)) if present.size else [None, None]}
+    if present.size < values.size:
+        out[f"{name}_missing"] = int(values.size - present.size)
+    return out
 
 
 def auc(positives, negatives) -> float:
