@@ -14,6 +14,7 @@ RUNTIME = [
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     "matplotlib==3.11.2",  # the simulator's metrics plot
     "gguf==0.19.0",  # llama.cpp GGUF files: metadata and dequantization in numpy
+    "openai==3.54.0",  # OpenAI-compatible servers (served judges)
 ]
 TEST = ["pytest==9.2.0", "torch==2.13.0",  # torch: the PyTorch LLaMA reference in tests only
         "accelerate==1.15.0",  # transformers' own GGUF loading (the reference for sajax's) needs it

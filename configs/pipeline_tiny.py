@@ -26,8 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.objectives = ("stable_alignment", "sft")  # from sim.pipeline.OBJECTIVES; same data, steps and lr
     config.eval = ml_collections.ConfigDict(dict(
         evals=("alignment", "hhh_adversarial", "multiple_choice", "are_you_sure"),
-        judge="observer",  # observer: the society's observers (1-7); or a model (HF folder, .gguf, known name), 1-10
-        judge_readout="yes_no",  # a model judge: yes_no | digits (sajax.evals.judge)
+        judge="observer",  # observer: the society's observers (1-7); or a model, 1-10: a HF folder, .gguf, known name,
+        # or an OpenAI-compatible server's base URL (http://host:port/v1)
+        judge_model="", judge_api_key_env="",  # a served judge: the served model's name; the key's variable
+        judge_readout="yes_no",  # a model judge: yes_no | digits (sajax.evals.judge; a served one: yes_no)
         heldout_fraction=0.25,  # of the questions, never asked in the society, for the `alignment` evaluation
         data="",  # multiple-choice questions (BIG-bench JSON or HH-RLHF JSONL); "" = the built-in set
         limit=32,  # first N multiple-choice questions (0: all)

@@ -164,7 +164,10 @@ def _define_eval_flags() -> None:
     flags.DEFINE_string("data", None, "Questions: BIG-bench task JSON or HH-RLHF JSONL (default: the built-in "
                                       "sajax_social_choices set).")
     flags.DEFINE_string("judge", None, "The judge (hhh_adversarial; judge_calibration calibrates it, or --model "
-                                       "without it): a workdir, HF folder, .gguf file or known model name.")
+                                       "without it): a workdir, HF folder, .gguf file, known model name, or the base "
+                                       "URL of an OpenAI-compatible server (http://host:port/v1).")
+    flags.DEFINE_string("judge_model", "", "A served judge: the model name the server serves.")
+    flags.DEFINE_string("judge_api_key_env", "", "A served judge: the environment variable holding the API key.")
     flags.DEFINE_enum("judge_readout", "yes_no", ["yes_no", "digits"], "How the judge's 1-10 rating is read.")
     flags.DEFINE_integer("max_new_tokens", 96, "Answer length for evaluations that generate (hhh_adversarial).")
     flags.DEFINE_string("out", None, "Directory for <eval>.json results (each written whole, replacing the last).")
@@ -184,7 +187,7 @@ def _eval_main(argv) -> None:
     from pathlib import Path
 
     from sajax import fileutil
-    from sajax.evals import adversarial, judge, lm, multiple_choice, sycophancy
+    from sajax.evals import adversarial, judge, lm, multiple_choice, served, sycophancy
 
     logging.set_verbosity(logging.WARNING)
     try:
@@ -197,8 +200,11 @@ def _eval_main(argv) -> None:
         if "hhh_adversarial" in _FLAGS.eval and not _FLAGS.judge:
             raise ValueError("--eval=hhh_adversarial needs --judge (a model to rate the answers)")
         model = lm.load(_FLAGS.model, _FLAGS.batch_size)
-        rater = judge.Judge(lm.load(_FLAGS.judge, _FLAGS.batch_size) if _FLAGS.judge and _FLAGS.judge != _FLAGS.model
-                            else model, _FLAGS.judge_readout)
+        if _FLAGS.judge and _FLAGS.judge != _FLAGS.model:
+            rater = judge.load(_FLAGS.judge, _FLAGS.judge_readout, batch_size=_FLAGS.batch_size,
+                               served_model=_FLAGS.judge_model, api_key_env=_FLAGS.judge_api_key_env)
+        else:
+            rater = judge.Judge(model, _FLAGS.judge_readout)
     except (ValueError, OSError, checkpoint.CheckpointError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
@@ -212,7 +218,7 @@ def _eval_main(argv) -> None:
     for name in _FLAGS.eval:
         try:
             result = runs[name]()
-        except ValueError as e:
+        except (ValueError, served.ServerError) as e:
             sys.stderr.write(f"error: --eval={name}: {e}\n")
             sys.exit(1)
         result = {"model": _FLAGS.model, **result}

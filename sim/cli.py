@@ -151,7 +151,9 @@ def calibrate_main() -> None:
 
 
 def _define_pipeline_flags() -> None:
-    config_flags.DEFINE_config_file("config", bundled_config("pipeline_tiny.py"), "ml_collections pipeline config "
+    from sim.pipeline import DEFAULT_CONFIG
+
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml_collections pipeline config "
                                     "file (sections sim, dataset, train, eval).")
     flags.DEFINE_string("workdir", None, "Pipeline directory; running again with the same config continues it.",
                         required=True)
@@ -160,6 +162,7 @@ def _define_pipeline_flags() -> None:
 def _pipeline_main(argv) -> None:
     del argv
     from sajax import checkpoint
+    from sajax.evals.served import ServerError
     from sajax.train import TrainingError
     from sim import engine, pipeline, store
     from sim.openai_backend import BackendError
@@ -168,7 +171,7 @@ def _pipeline_main(argv) -> None:
     try:
         report = pipeline.run_pipeline(_FLAGS.config, _FLAGS.workdir)
     except (ValueError, OSError, store.WorkdirError, BackendError, engine.StageFailure, TrainingError,
-            checkpoint.CheckpointError) as e:
+            checkpoint.CheckpointError, ServerError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     print(f"report: {report}")

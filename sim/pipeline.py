@@ -32,14 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from sajax import config_files, export, fileutil
+from sajax import config_files, export, fileutil, known_models
 from sajax import train as train_lib
-from sajax.evals import adversarial, judge as judge_lib, lm, multiple_choice, stats, sycophancy
+from sajax.evals import adversarial, judge as judge_lib, lm, multiple_choice, served, stats, sycophancy
 from sim import dataset, pipeline_report, prompts, run, store
 from sim.backends import Request
 
 OBJECTIVES = ("stable_alignment", "sft", "rrhf", "dpo")
 EVALS = ("alignment", "hhh_adversarial", "multiple_choice", "are_you_sure")
+DEFAULT_CONFIG = config_files.bundled_config("pipeline_tiny.py")
 POLICY = "stable_alignment"  # the objective whose model becomes the re-simulated society's agents
 # May change when a run is continued: each objective's stages stand alone (the report shows those configured).
 RESUMABLE = ("objectives", "eval.batch_size")
@@ -95,7 +96,7 @@ def _stage_index(stage: str) -> int:
 
 def check_workdir(cfg, workdir: Path) -> None:
     """ValueError when `workdir` holds something else, or a pipeline whose completed stages used another
-    configuration."""
+    configuration (a field the saved configuration lacks counts as unchanged at the embedded default's value)."""
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"{workdir}: exists and is not a directory")
     config_file = workdir / "config.json"
@@ -108,6 +109,10 @@ def check_workdir(cfg, workdir: Path) -> None:
     if not isinstance(saved, dict):
         raise ValueError(f"{config_file}: expected a JSON object, got {type(saved).__name__}")
     saved, current = config_files.flatten(saved), config_files.flatten(json.loads(cfg.to_json()))
+    defaults = config_files.flatten(json.loads(config_files.load_config(DEFAULT_CONFIG).to_json()))
+    for key in set(current) - set(saved):  # a field added by a later sajax counts as unchanged at its default
+        if key in defaults:
+            saved[key] = defaults[key]
     completed = [f.stem for f in (workdir / "stages").glob("*.json")] if (workdir / "stages").is_dir() else []
     last = max((_stage_index(s) for s in completed), default=-1)
     changed = []
@@ -156,9 +161,7 @@ class Pipeline:
         run.world_config(cfg.sim).validate()
         questions = run.read_questions(cfg.sim.questions_file)
         multiple_choice.read(cfg.eval.data or multiple_choice.BUILT_IN)  # a bad file stops the run before any write
-        if cfg.eval.judge not in ("observer", ""):
-            from sajax import known_models
-
+        if not self.observer_judge and not served.is_url(cfg.eval.judge):
             known_models.resolve(cfg.eval.judge)
         self.workdir.mkdir(parents=True, exist_ok=True)
         fileutil.write_text(self.workdir / "config.json", cfg.to_json(indent=2) + "\n")
@@ -273,7 +276,8 @@ class Pipeline:
                                            "sim.observer_backend")
                 self._judge = ObserverJudge(backend, self.cfg.sim.seed)
             else:
-                self._judge = judge_lib.Judge(lm.load(e.judge, e.batch_size), e.judge_readout)
+                self._judge = judge_lib.load(e.judge, e.judge_readout, batch_size=e.batch_size,
+                                             served_model=e.judge_model, api_key_env=e.judge_api_key_env)
         return self._judge
 
     def calibrate_judge(self) -> dict:

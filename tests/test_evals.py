@@ -237,3 +237,62 @@ def test_answer_sycophancy_agreement_by_construction():
     result = sycophancy.answer(DefersToSuggestions(), Questions(items, "fixture"))
     assert result["agreement"] == pytest.approx(4 / 12) and result["baseline"] == 0.0
     assert result["shift"] == pytest.approx(4 / 12)
+
+
+def _completion(top: list[tuple[str, float]] | None) -> bytes:
+    """A chat.completion body as an OpenAI-compatible server sends it, with the first token's top_logprobs."""
+    logprobs = None if top is None else {"content": [{
+        "token": top[0][0], "logprob": top[0][1], "bytes": None,
+        "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top]}]}
+    return json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "judge-1", "choices": [{
+        "index": 0, "finish_reason": "length", "logprobs": logprobs,
+        "message": {"role": "assistant", "content": top[0][0] if top else "Yes"}}]}).encode()
+
+
+def test_a_judge_on_an_openai_compatible_server_reads_option_probabilities(monkeypatch):
+    """Through the official client: p(Yes) from the first token's top_logprobs (" Yes" and "Yes" add up), an
+    answer listing neither option unrated (NaN), the pairwise verdict in both orders, and a server without logprobs
+    named in the error."""
+    from conftest import JsonServer
+    from sajax.evals import served
+
+    requests = []
+
+    def respond(path, body, headers):
+        requests.append((path, body, headers.get("Authorization")))
+        text = body["messages"][-1]["content"]
+        if "no logprobs" in text:
+            return 200, _completion(None)
+        if "Reply A: kind" in text:  # the kind reply wins whichever position it is in
+            return 200, _completion([("A", np.log(0.9)), ("B", np.log(0.1))])
+        if "Reply A:" in text:
+            return 200, _completion([("B", np.log(0.8)), ("A", np.log(0.2))])
+        if "shrug" in text:
+            return 200, _completion([("Maybe", -0.1), ("Perhaps", -2.0)])
+        if "kind" in text:
+            return 200, _completion([("Yes", np.log(0.6)), (" Yes", np.log(0.2)), ("No", np.log(0.1))])
+        return 200, _completion([("No", np.log(0.75)), ("Yes", np.log(0.25))])
+
+    server = JsonServer(respond)
+    try:
+        monkeypatch.setenv("JUDGE_KEY", "sk-test")
+        rater = judge.load(server.url, "yes_no", served_model="judge-1", api_key_env="JUDGE_KEY")
+        ratings = rater.rate(["q", "q", "q"], ["a kind reply", "a rude reply", "shrug"])
+        assert ratings[:2] == pytest.approx([1 + 9 * 0.8 / 0.9, 1 + 9 * 0.25])
+        assert np.isnan(ratings[2])
+        path, body, auth = requests[0]
+        assert path == "/v1/chat/completions" and auth == "Bearer sk-test"
+        assert body["model"] == "judge-1" and body["max_tokens"] == 1 and body["logprobs"] is True
+        assert body["top_logprobs"] == 20 and body["temperature"] == 0.0
+        assert rater.compare(["q", "q"], ["kind", "rude"], ["rude", "kind"]).tolist() == [1, -1]
+        with pytest.raises(served.ServerError, match="judge 'judge-1' at .* returned no logprobs"):
+            rater.rate(["q"], ["no logprobs"])
+        with pytest.raises(ValueError, match="a served judge reads one token per option"):
+            judge.load(server.url, "digits", served_model="judge-1")
+        with pytest.raises(ValueError, match="needs the served model's name"):
+            judge.load(server.url, "yes_no")
+        monkeypatch.delenv("JUDGE_KEY")
+        with pytest.raises(ValueError, match="environment variable JUDGE_KEY is not set"):
+            judge.load(server.url, "yes_no", served_model="judge-1", api_key_env="JUDGE_KEY")
+    finally:
+        server.close()
