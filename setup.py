@@ -10,6 +10,7 @@ RUNTIME = [
     "importlib_resources==7.1.0",  # TFDS needs it at run time but does not declare it on Python >= 3.11
     "jinja2==3.1.6",  # transformers chat templates
     "ml_dtypes==0.6.0",  # bfloat16 for numpy (safetensors I/O); the version jax 0.10.2 installs
+    "scipy==1.17.1",  # softmax of the rating readouts; the version jax 0.10.2 installs
     "absl-py==2.5.1",  # CLI flags; the version ml_collections installs
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     "matplotlib==3.11.2",  # the simulator's metrics plot

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from scipy import special
 
 from sim import prompts
 from sim.backends import Backend, Rating, Request, parse_rating
@@ -172,9 +173,9 @@ class LocalBackend(Backend):
             if choices.one_pass:
                 state = generate.prefill(self.config, self.params, [encoded[i] + choices.prefix for i in rows],
                                          reserve=max(map(len, choices.first)) + len(marker) + self.reason_tokens)
-                probs = _normalise(choices.from_logits(state.logits))
+                probs = special.softmax(choices.from_logits(state.logits), axis=1)
             else:
-                probs = _normalise(choices.scored(self.config, self.params, [encoded[i] for i in rows]))
+                probs = special.softmax(choices.scored(self.config, self.params, [encoded[i] for i in rows]), axis=1)
             values[rows] = self._values(probs, scale)
             prompt_tokens += sum(len(encoded[i]) for i in rows)
             if self.reason_tokens == 0:  # ratings only (calibration)
@@ -203,7 +204,3 @@ class LocalBackend(Backend):
             self.last_error = f"no 'Rating: N' (1-7) in the answer {unreadable[-1][:120]!r}"
         return ratings
 
-
-def _normalise(logp: np.ndarray) -> np.ndarray:
-    probs = np.exp(logp - logp.max(axis=1, keepdims=True))
-    return probs / probs.sum(axis=1, keepdims=True)
