@@ -130,10 +130,10 @@ def _quiet_failed_restore_aftermath() -> None:
     """When a restore fails, tensorstore reads still in flight complete on orbax's event loop, closed by then
     ('RuntimeError: Event loop is closed' through `sys.unraisablehook`); orbax's unfinished read coroutines raise
     when they are garbage-collected (the same hook) or warn that they were never awaited; their futures log
-    'exception was never retrieved' (the `asyncio` logger). Dozens of tracebacks after the real error — some in the middle of the training that goes
-    on from an older checkpoint — all consequences of the failure that was reported already: drop exactly those;
-    everything else still reaches the previous hook and the log. Installed before the first restore, as they can
-    fire while it is still failing."""
+    'exception was never retrieved' (the `asyncio` logger). Dozens of tracebacks after the real error — some in the
+    middle of the training that goes on from an older checkpoint — all consequences of the failure that was reported
+    already: drop exactly those; everything else still reaches the previous hook and the log. Installed before the
+    first restore, as they can fire while it is still failing."""
     global _quieted
     if _quieted:
         return

@@ -2,10 +2,11 @@
 
 Per group and epoch, `num_comp` responses are sampled (all of them when the group has fewer, the rest padded
 and marked invalid). Each response becomes one row  [BOS] + prompt tail + response head + EOS  of at most
-`max_len` tokens (`chat`: the prompt is the group's instruction and input as one user turn in the tokenizer's chat
-template, which writes its own BOS, and the response ends with the template's end-of-turn token — the form a chat
-model is evaluated and served in): the prompt keeps its *end* (at least `max_prompt_len` tokens of it when the response is
-long), the response keeps its *start*. `loss_mask` marks the response tokens (the prompt is never trained on).
+`max_len` tokens (`chat`: the prompt is the group's instruction and input as one user turn in the tokenizer's
+chat template, which writes its own BOS, and the response ends with the template's end-of-turn token — the form a
+chat model is evaluated and served in): the prompt keeps its *end* (at least `max_prompt_len` tokens of it when the
+response is long), the response keeps its *start*. `loss_mask` marks the response tokens (the prompt is never
+trained on).
 
 A batch holds, per process, B groups in the layout of `sajax.batch` (reference_logp: zeros unless DPO).
 Order and sampling depend only on the seed and the position in the stream, and the grain iterator's state

@@ -32,7 +32,8 @@ def check_stage(round_index: int, stage: str, backend: Backend, missing: int, to
     gave no usable output (a failed request, an empty text, a rating that cannot be read)."""
     if total and (missing == total or missing > backend.max_missing_fraction * total):
         last = f"; last error: {backend.last_error}" if backend.last_error else ""
-        share = "all of them" if missing == total else f"more than max_missing_fraction {backend.max_missing_fraction:g}"
+        share = ("all of them" if missing == total
+                 else f"more than max_missing_fraction {backend.max_missing_fraction:g}")
         raise StageFailure(f"round {round_index}, stage {stage}: {missing} of {total} requests to "
                            f"{backend.describe()} gave no usable output ({share}){last}. Round {round_index} was "
                            "not committed; fix the backend and run again with --resume")

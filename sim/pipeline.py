@@ -300,7 +300,8 @@ class Pipeline:
             answers = model.generate([(("user", q),) for q in asked], e.max_new_tokens)
             ratings = judge.rate(asked, answers)
             return {"eval": "alignment", "data": "held-out society questions", "n": len(asked),
-                    "judge": e.judge or "observer", "scale": "1-7" if self.observer_judge else "1-10", **stats.summary("alignment", ratings),
+                    "judge": e.judge or "observer", "scale": "1-7" if self.observer_judge else "1-10",
+                    **stats.summary("alignment", ratings),
                     "answers": [{"question": q, "answer": a, "rating": None if np.isnan(r) else float(r)}
                                 for q, a, r in zip(asked, answers, ratings)]}
         if evaluation == "hhh_adversarial":

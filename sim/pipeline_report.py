@@ -170,7 +170,8 @@ def write(workdir: Path, cfg) -> Path:
     lines += ["## Training", "", f"{cfg.train.train.steps if cfg.train.train.epochs <= 0 else cfg.train.train.epochs}"
               f"{' steps' if cfg.train.train.epochs <= 0 else ' epochs'} per objective, batch "
               f"{cfg.train.train.batch_size} groups, learning rate {cfg.train.optimizer.learning_rate}.", "",
-              "![training](training.png)", "", "| objective | validation ranking accuracy | validation best-response NLL | groups |",
+              "![training](training.png)", "",
+              "| objective | validation ranking accuracy | validation best-response NLL | groups |",
               "|---|---|---|---|"]
     for objective in objectives:
         final = (_stage(workdir, f"train_{objective}") or {}).get("eval") or {}
@@ -191,7 +192,8 @@ def write(workdir: Path, cfg) -> Path:
     comparison = resim_comparison(workdir)
     if comparison:
         lines += ["", "## Does the society start more aligned?", "",
-                  f"Round 1 with the stable_alignment-trained model as every agent, against round 1 of the original society ({comparison['agents']} "
+                  "Round 1 with the stable_alignment-trained model as every agent, against round 1 of the original "
+                  f"society ({comparison['agents']} "
                   f"agents, {comparison['same_questions']} asked the same question); drafts rated by the same "
                   "observers.", "", "| aspect | original society | trained agents | difference (paired) |",
                   "|---|---|---|---|"]

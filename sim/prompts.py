@@ -79,7 +79,8 @@ def draft(question: str, memories: list[tuple[str, str]]) -> Prompt:
 
 
 def feedback(question: str, answer: str, memories: list[tuple[str, str]], readout: str = "digits") -> Prompt:
-    return _rating(question, answer, "alignment", readout, f"You are a member of a community. {_memory_block(memories)}")
+    return _rating(question, answer, "alignment", readout,
+                   f"You are a member of a community. {_memory_block(memories)}")
 
 
 def revise(question: str, answer: str, average: float | None, peer_feedback: list[tuple[float | None, str]]) -> Prompt:

@@ -130,7 +130,8 @@ def test_a_chat_model_is_scored_inside_its_template(smollm2_lm):
     context, reply = smollm2_lm.encode(conversation, "Return it to the owner.")
     whole = tok.apply_chat_template([{"role": r, "content": t} for r, t in conversation] +
                                     [{"role": "assistant", "content": "Return it to the owner."}], tokenize=False)
-    assert tok.decode(context + reply) == whole[:whole.rindex("Return it to the owner.") + len("Return it to the owner.")]
+    reply_text = "Return it to the owner."
+    assert tok.decode(context + reply) == whole[:whole.rindex(reply_text) + len(reply_text)]
     # batched and sorted scoring equals scoring each row alone (no padding): the same log-likelihoods
     conversations = [conversation, [("user", "Hi")], [("user", "Is it fine to lie to a friend about a gift?")]] * 2
     replies = ["Return it.", "Hello! How can I help?", "A small white lie can be kind.", "Keep it.", "Go away.", "No."]
@@ -202,7 +203,8 @@ class SwayedByRemarks:
         out = []
         for conversation, option in zip(conversations, continuations):
             text = conversation[-1][1]
-            p_yes = 0.5 if "[firm]" in text else 0.5 + 0.3 * (sycophancy.LIKE in text) - 0.3 * (sycophancy.DISLIKE in text)
+            p_yes = (0.5 if "[firm]" in text
+                     else 0.5 + 0.3 * (sycophancy.LIKE in text) - 0.3 * (sycophancy.DISLIKE in text))
             out.append(np.log(p_yes if option == "Yes" else 1 - p_yes))
         return np.array(out)
 

@@ -108,7 +108,8 @@ def test_a_failing_server_stops_the_round_before_it_is_committed(tmp_path, serve
     result = subprocess.run([os.path.join(BIN, "sajax-sim"), f"--workdir={workdir}", "--resume",
                              "--config.backend.kind=openai", f"--config.backend.base_url={server.url}",
                              "--config.backend.model=fake", "--config.backend.max_retries=1",
-                             "--config.observer_backend.kind=openai", f"--config.observer_backend.base_url={server.url}",
+                             "--config.observer_backend.kind=openai",
+                             f"--config.observer_backend.base_url={server.url}",
                              "--config.observer_backend.model=fake", "--config.observer_backend.max_retries=1"],
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr

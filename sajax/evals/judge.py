@@ -103,7 +103,8 @@ def calibration(judge: Judge, questions: Questions) -> dict:
     rated = ~np.isnan(good) & ~np.isnan(bad)  # pairs the judge could rate both replies of
     per_pair = np.where(rated, (good > bad) + 0.5 * (good == bad), np.nan)
     return {"eval": "judge_calibration", "data": questions.source, "n": len(asked), "readout": judge.readout,
-            "auc": stats.auc(good[rated], bad[rated]) if rated.any() else None, **stats.summary("pairwise_accuracy", per_pair),
+            "auc": stats.auc(good[rated], bad[rated]) if rated.any() else None,
+            **stats.summary("pairwise_accuracy", per_pair),
             **stats.summary("comparison_accuracy", (verdicts == 1) + 0.5 * (verdicts == 0)),
             **stats.summary("swap_consistency", (verdicts != 0).astype(float)),
             "mean_rating_better": float(good[rated].mean()) if rated.any() else None,
