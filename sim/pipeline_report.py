@@ -11,7 +11,7 @@ import numpy as np
 
 from sajax import fileutil
 from sajax.evals import stats
-from sim import store
+from sim import report, store
 
 TRAINING_CURVES = (("train/sft", "NLL of the best-rated response (train)"),
                    ("train/ranking_accuracy", "ranking accuracy (train)"))
@@ -77,33 +77,8 @@ def resim_comparison(workdir: Path) -> dict | None:
 
 
 def plot_society(workdir: Path, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    metrics = store.read_metrics(workdir / "society")
     resim = store.read_metrics(workdir / "resim") if (workdir / "resim").is_dir() else []
-    fig, ax = plt.subplots(figsize=(6.5, 3.5), dpi=100)
-    nan = lambda v: float("nan") if v is None else v  # noqa: E731
-    for aspect, color in (("alignment", "C0"), ("engagement", "C1")):
-        for when, style in (("before", "--"), ("after", "-")):
-            ax.plot([m["round"] for m in metrics], [nan(m[f"{aspect}_{when}"]["mean"]) for m in metrics],
-                    color + style, marker="o", label=f"{aspect} {when} revision")
-        if resim:
-            ax.plot([m["round"] for m in resim], [nan(m[f"{aspect}_before"]["mean"]) for m in resim], color + "*",
-                    markersize=13, linestyle="none", label=f"{aspect}, trained agents' drafts")
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean observer rating (1–7)")
-    ax.set_ylim(0.8, 7.2)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with fileutil.replace_file(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
+    report.plot(store.read_metrics(workdir / "society"), path, trained=resim)
 
 
 def training_curves(workdir: Path, objectives: list[str]) -> dict[str, list[dict]]:
@@ -115,12 +90,7 @@ def training_curves(workdir: Path, objectives: list[str]) -> dict[str, list[dict
 
 
 def plot_training(curves: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(10, 3.5), dpi=100)
+    fig, axes = report.pyplot().subplots(1, len(TRAINING_CURVES), figsize=(10, 3.5), dpi=100)
     for ax, (key, title) in zip(axes, TRAINING_CURVES):
         for objective, rows in curves.items():
             points = [(row["step"], row[key]) for row in rows if key in row]
@@ -130,10 +100,7 @@ def plot_training(curves: dict[str, list[dict]], path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with fileutil.replace_file(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def write(workdir: Path, cfg) -> Path:
