@@ -35,7 +35,7 @@ from sajax.config_files import load_config
 from sim import engine, run
 from sim.backends import Backend
 from sim.local_backend import LocalBackend
-from sim.openai_backend import HTTPClient, OpenAIBackend
+from sim.openai_backend import OpenAIBackend, OpenAIClient
 
 
 class OneAtATime(Backend):
@@ -110,7 +110,7 @@ def local_backends(args, workdir):
 def api_backends(args, server):
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     print(f"OpenAI-compatible server: {args.latency * 1e3:.0f} ms per request, concurrency {args.concurrency}")
-    return [OpenAIBackend(HTTPClient(url), "fake", concurrency=args.concurrency) for _ in range(2)]
+    return [OpenAIBackend(OpenAIClient(url), "fake", concurrency=args.concurrency) for _ in range(2)]
 
 
 def main():

@@ -63,23 +63,48 @@ def _mean_hidden(config, params, ids, mask):
 
 
 class OpenAIEmbedder:
-    """`POST {base_url}/embeddings` with {model, input: [...]} on an OpenAI-compatible server."""
+    """Embeddings from an OpenAI-compatible server (`sim.openai_backend.OpenAIClient`: the official client, our
+    retries), `batch_size` texts per request. The answer is checked: one vector per input, all of one dimension —
+    a server that does not pool (llama.cpp without --pooling) returns one vector per token, which is named."""
 
-    def __init__(self, client, model: str, batch_size: int = 64):
-        self.client, self.model, self.batch_size = client, model, batch_size
+    def __init__(self, client, model: str, batch_size: int = 64, concurrency: int = 4):
+        self.client, self.model, self.batch_size, self.concurrency = client, model, batch_size, concurrency
 
     def embed(self, texts: list[str]) -> np.ndarray:
+        from sim.openai_backend import BackendError, MalformedAnswer, TransientFailure
+
+        where = f"{self.client.base_url}/embeddings (embedder.model {self.model!r})"
+
+        async def one(sdk, chunk):
+            async def send():
+                answer = await sdk.embeddings.create(model=self.model, input=chunk, encoding_format="float")
+                if not answer.data:
+                    raise MalformedAnswer(f"an answer without embeddings ({str(answer)[:120]})")
+                return [d.embedding for d in sorted(answer.data, key=lambda d: d.index)]
+
+            return await self.client.request(send, "/embeddings")
+
+        chunks = [texts[start:start + self.batch_size] for start in range(0, len(texts), self.batch_size)]
         rows = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start:start + self.batch_size]
-            body = self.client.post("/embeddings", {"model": self.model, "input": chunk})
-            try:
-                data = sorted(body["data"], key=lambda d: d["index"])
-                vectors = [d["embedding"] for d in data]
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"{self.client.base_url}/embeddings: malformed response ({e!r})") from e
-            if len(vectors) != len(chunk):
-                raise ValueError(f"{self.client.base_url}/embeddings: {len(vectors)} embeddings for {len(chunk)} "
-                                 "inputs")
-            rows += vectors
+        for chunk, vectors in zip(chunks, self.client.run_all(one, chunks, self.concurrency)):
+            if isinstance(vectors, TransientFailure):
+                raise BackendError(f"{where}: {vectors}")
+            rows += check_vectors(vectors, len(chunk), where)
         return normalize(np.asarray(rows, np.float32))
+
+
+def check_vectors(vectors: list, inputs: int, where: str) -> list[list[float]]:
+    """ValueError naming `where` unless `vectors` holds one flat vector of numbers per input, all of one size."""
+    if len(vectors) != inputs:
+        raise ValueError(f"{where}: {len(vectors)} embeddings for {inputs} inputs")
+    for i, vector in enumerate(vectors):
+        if isinstance(vector, list) and vector and isinstance(vector[0], list):
+            raise ValueError(f"{where}: input {i} got {len(vector)} vectors (one per token) instead of one; the "
+                             "server does not pool its embeddings — enable pooling (llama.cpp: --pooling mean) or "
+                             "serve an embedding model")
+        if not isinstance(vector, list) or not vector or not all(isinstance(x, (int, float)) for x in vector):
+            raise ValueError(f"{where}: input {i} got {str(vector)[:80]!r}, not a vector of numbers")
+    sizes = sorted({len(v) for v in vectors})
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: embeddings of different sizes {sizes}")
+    return vectors

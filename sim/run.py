@@ -13,7 +13,7 @@ from sim import engine, report, store, world
 from sim.backends import ScriptedBackend
 from sim.embedders import HashingEmbedder, LocalModelEmbedder, OpenAIEmbedder
 from sim.memory import Memory
-from sim.openai_backend import HTTPClient, OpenAIBackend, check_server
+from sim.openai_backend import OpenAIBackend, OpenAIClient, check_server
 
 QUESTIONS = Path(__file__).with_name("assets") / "questions.txt"
 
@@ -109,7 +109,7 @@ def make_backend(b, models: LocalModels, name: str):
                             name=f"local:{b.model_dir or 'random-tiny'}", max_missing_fraction=b.max_missing_fraction)
     if not b.model:
         raise ValueError(f"{name}.model must name the served model for kind 'openai'")
-    client = HTTPClient(b.base_url, b.api_key_env, timeout=b.timeout, max_retries=b.max_retries)
+    client = OpenAIClient(b.base_url, b.api_key_env, timeout=b.timeout, max_retries=b.max_retries)
     return OpenAIBackend(client, b.model, temperature=b.temperature, max_tokens=b.max_new_tokens,
                          concurrency=b.concurrency, max_missing_fraction=b.max_missing_fraction)
 
@@ -120,12 +120,15 @@ def make_embedder(e, models: LocalModels, backend_cfg):
     if e.kind == "local":
         config, params, tok = models.get(backend_cfg.model_dir)
         return LocalModelEmbedder(config, params, tok)
-    if e.kind == "openai":
-        if not e.model:
+    if e.kind == "openai":  # where the backend's settings are the defaults: its server, model, key, limits
+        model = e.model or (backend_cfg.model if backend_cfg.kind == "openai" else "")
+        if not model:
             raise ValueError("embedder.model must name the served embedding model for kind 'openai'")
-        client = HTTPClient(e.base_url, e.api_key_env)
-        check_server(client, e.model, "embedder.model")
-        return OpenAIEmbedder(client, e.model)
+        base_url = e.base_url or backend_cfg.base_url
+        client = OpenAIClient(base_url, e.api_key_env or backend_cfg.api_key_env, timeout=backend_cfg.timeout,
+                              max_retries=backend_cfg.max_retries)
+        check_server(client, model, "embedder.model")
+        return OpenAIEmbedder(client, model)
     raise ValueError(f"embedder.kind must be 'hashing', 'local' or 'openai', got {e.kind!r}")
 
 

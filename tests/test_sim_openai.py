@@ -10,7 +10,7 @@ import pytest
 from conftest import JsonServer
 from sim.backends import Request, parse_rating
 from sim.embedders import OpenAIEmbedder
-from sim.openai_backend import BackendError, HTTPClient, OpenAIBackend
+from sim.openai_backend import BackendError, OpenAIClient, OpenAIBackend
 from sim.prompts import Prompt
 
 
@@ -19,12 +19,24 @@ class FakeServer(JsonServer):
 
     def __init__(self, script):
         self.script, self.seen, self.lock = list(script), [], threading.Lock()
+        self.in_flight = self.most_in_flight = 0
         super().__init__(self.respond)
 
     def respond(self, path, body, headers):
+        if body is None:  # GET /models
+            return 200, json.dumps({"object": "list", "data": [{"id": "test-model"}, {"id": "emb"}]}).encode()
         with self.lock:
             self.seen.append((path, body, headers.get("Authorization")))
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
             action = self.script.pop(0) if self.script else "ok"
+        try:
+            return self.act(action, path, body)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def act(self, action, path, body):
         if action == "sleep":
             time.sleep(0.5)
             action = "ok"
@@ -34,6 +46,14 @@ class FakeServer(JsonServer):
             return 200, b"<html>not json"
         if action == "no_choices":
             return 200, json.dumps({"choices": []}).encode()
+        if action == "per_token":  # llama.cpp without pooling: a vector per token
+            return 200, json.dumps({"data": [{"index": i, "embedding": [[1.0, 0.0]] * len(t)}
+                                             for i, t in enumerate(body["input"])]}).encode()
+        if action == "ragged":
+            return 200, json.dumps({"data": [{"index": i, "embedding": [1.0] * (i + 2)}
+                                             for i, t in enumerate(body["input"])]}).encode()
+        if action == "slow":
+            time.sleep(0.2)
         if path.endswith("/embeddings"):
             return 200, json.dumps({"data": [{"index": i, "embedding": [float(len(t)), 1.0]}
                                              for i, t in enumerate(body["input"])]}).encode()
@@ -51,13 +71,13 @@ def server(request):
 
 
 def _backend(url, **kwargs):
-    client = HTTPClient(url, timeout=0.2, max_retries=kwargs.pop("max_retries", 4), backoff=0.01)
+    client = OpenAIClient(url, timeout=0.2, max_retries=kwargs.pop("max_retries", 4), backoff=0.01)
     return OpenAIBackend(client, "test-model", concurrency=kwargs.pop("concurrency", 2), **kwargs)
 
 
 @pytest.mark.parametrize("server", [[429, 500, "sleep", "garbage", "no_choices", 503]], indirect=True)
 def test_survives_429_500_timeouts_and_malformed_bodies(server):
-    backend = _backend(server.url, concurrency=1)
+    backend = _backend(server.url, concurrency=1, max_retries=6)
     texts = backend.generate([Request(Prompt("Q?"), "Q?", stage="draft")], seed=1)
     assert texts == ["An answer."]
     assert len(server.seen) == 7  # six failures, then the answer
@@ -82,13 +102,43 @@ def test_non_retryable_errors_stop_with_the_servers_message(server):
 
 def test_key_comes_from_the_environment(server, monkeypatch):
     with pytest.raises(BackendError, match="environment variable SAJAX_TEST_KEY"):
-        HTTPClient(server.url, api_key_env="SAJAX_TEST_KEY")
+        OpenAIClient(server.url, api_key_env="SAJAX_TEST_KEY")
     monkeypatch.setenv("SAJAX_TEST_KEY", "secret")
-    client = HTTPClient(server.url, api_key_env="SAJAX_TEST_KEY", backoff=0.01)
+    client = OpenAIClient(server.url, api_key_env="SAJAX_TEST_KEY", backoff=0.01)
     vectors = OpenAIEmbedder(client, "emb").embed(["ab", "abcd"])
     assert server.seen[-1][2] == "Bearer secret"
     np.testing.assert_allclose(vectors, np.array([[2, 1], [4, 1]]) / np.linalg.norm([[2, 1], [4, 1]], axis=1,
                                                                                      keepdims=True), rtol=1e-6)
+
+
+@pytest.mark.parametrize("server", [["slow"] * 12], indirect=True)
+def test_requests_run_concurrently_up_to_the_limit(server):
+    texts = _backend(server.url, concurrency=3).generate([Request(Prompt(f"Q{i}?"), "Q?", stage="draft")
+                                                          for i in range(12)], seed=0)
+    assert texts == ["An answer."] * 12 and server.most_in_flight == 3
+
+
+@pytest.mark.parametrize("server", [["per_token", "ragged"]], indirect=True)
+def test_embeddings_that_are_not_one_vector_per_input_are_named(server):
+    embedder = OpenAIEmbedder(OpenAIClient(server.url, backoff=0.01), "emb")
+    with pytest.raises(ValueError, match=r"/embeddings \(embedder.model 'emb'\): input 0 got 2 vectors \(one per "
+                                         r"token\) .* enable pooling \(llama.cpp: --pooling mean\)"):
+        embedder.embed(["ab", "abc"])
+    with pytest.raises(ValueError, match=r"embeddings of different sizes \[2, 3\]"):
+        embedder.embed(["ab", "abc"])
+
+
+def test_the_embedder_defaults_to_the_backends_server_and_limits(server):
+    from sajax.config_files import bundled_config, load_config
+    from sim import run
+
+    cfg = load_config(bundled_config("sim_tiny.py"))
+    cfg.backend.update(dict(kind="openai", base_url=server.url, model="test-model", timeout=7.0, max_retries=2))
+    cfg.embedder.update(dict(kind="openai", model="emb"))
+    embedder = run.make_embedder(cfg.embedder, run.LocalModels(0), cfg.backend)
+    assert (embedder.client.base_url, embedder.model) == (server.url, "emb")
+    assert (embedder.client.timeout, embedder.client.max_retries) == (7.0, 2)
+    assert embedder.embed(["ab"]).shape == (1, 2)
 
 
 @pytest.mark.parametrize("text, value, reason", [
