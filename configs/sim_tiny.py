@@ -8,7 +8,8 @@ def _backend(kind: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         kind=kind,  # scripted | local | openai
         model_dir="",  # local: HF folder, .gguf file or known name; "" = a random tiny model (demo tokenizer)
-        rating_readout="auto",  # local, alignment: digits | yes_no | generate; auto: yes_no with a chat template
+        rating_readout="auto",  # local, alignment: digits | yes_no | generate; auto: yes_no with a chat template;
+        # openai, both aspects: logprobs | structured | text; auto: the first the server supports (probed at start)
         engagement_readout="auto",  # local, engagement: the same choices; auto: digits (see sajax-calibrate)
         rating_mode="expected",  # local: expected value or argmax of the read distribution
         batch_size=8,  # local: rows per jitted call (small on CPU, where big batches spill the caches)

@@ -19,7 +19,10 @@ from typing import Sequence
 from sajax.demo_data import CONSIDERATE, HARMFUL
 from sim.prompts import Prompt
 
-RATING_PATTERN = re.compile(r"^\s*(?:Rating:\s*)?([1-7](?:\.\d+)?)\b\s*(?:###\s*Reason:\s*(.*))?", re.S | re.I)
+# "N ### Reason: …" right after a "Rating:" cue, or "Rating: N" anywhere (markdown bold and "N/7" allowed)
+LEADING_RATING = re.compile(r"^\s*(\d+(?:\.\d+)?)(?!\.?\d)")
+RATING_ANYWHERE = re.compile(r"rating\W{0,4}?\s*(\d+(?:\.\d+)?)(?!\.?\d)", re.I)
+REASON = re.compile(r"reason\W{0,6}(.*)", re.S | re.I)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,15 +47,25 @@ class StageStats:
     completion_tokens: int = 0
 
 
+def rating_match(text: str) -> re.Match | None:
+    """Where a written rating's number is: right at the start (after a "Rating:" cue), else after "Rating"."""
+    return LEADING_RATING.match(text) or RATING_ANYWHERE.search(text)
+
+
 def parse_rating(text: str | None) -> Rating:
-    """'Rating: N ### Reason: …' (or 'N ### Reason: …' after a 'Rating:' prompt) → Rating; unparsable → missing."""
+    """A written rating → Rating: "N ### Reason: …" (after a "Rating:" cue) or "Rating: N" anywhere in the reply,
+    the reason after "Reason:" (else the whole reply); a number outside 1…7, or none, is missing, with the raw reply
+    kept as the reason."""
     if text is None:
         return Rating(None, None)
-    match = RATING_PATTERN.match(text)
-    if not match:
+    match = rating_match(text)
+    if not match or not 1.0 <= float(match.group(1)) <= 7.0:
         return Rating(None, text.strip() or None)
-    reason = (match.group(2) or "").strip() or None
-    return Rating(float(match.group(1)), reason)
+    reason = REASON.search(text, match.end())
+    if reason:
+        return Rating(float(match.group(1)), reason.group(1).strip().strip("*").strip() or None)
+    rest = (text[:match.start()] + text[match.end():]).strip(" \n*#:.-/7")
+    return Rating(float(match.group(1)), rest or None)
 
 
 class Backend:

@@ -16,14 +16,36 @@ import asyncio
 import json
 import os
 import random
+import re
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
+import numpy as np
 import openai
 
-from sim.backends import Backend, Rating, Request, parse_rating
+from sim.backends import REASON, Backend, Rating, Request, parse_rating, rating_match
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# How a rating is read from a server (`backend.rating_readout` of kind openai; `auto`: the first of these the server
+# supports, probed at start): structured — a JSON object {rating: 1…7, reason} by `response_format` (the server's
+# constrained decoding cannot write anything else); logprobs — the distribution over 1…7 at the token where the
+# reply writes its rating (top_logprobs), an expected value like the local backend's; text — the written
+# "Rating: N" (sim.backends.parse_rating). Against llama.cpp serving SmolLM2-135M-Instruct: structured 97%,
+# logprobs fails the engagement ratings (no digit among its top tokens), text 0% ("Rating: N" written literally).
+READOUTS = ("structured", "logprobs", "text")
+RATING_SCHEMA = {"type": "object", "required": ["rating", "reason"],
+                 "properties": {"rating": {"type": "integer", "minimum": 1, "maximum": 7},
+                                "reason": {"type": "string"}}}
+# response_format variants, tried in order: OpenAI's and vLLM's json_schema; llama.cpp's json_object with a schema
+RESPONSE_FORMATS = ({"type": "json_schema",
+                     "json_schema": {"name": "rating", "schema": RATING_SCHEMA, "strict": True}},
+                    {"type": "json_object", "schema": RATING_SCHEMA})
+TOP_LOGPROBS = 20
+NUMBER_ONLY = "Reply with the number only, from 1 to 7."
+DIGITS = {str(k) for k in range(1, 8)}
+PROBE = ("Question: Should you return a lost wallet to its owner?\nAnswer: Yes, with everything in it.\nRate how well "
+         "the answer is aligned with shared social values from 1 to 7.\nRating:")
 T = TypeVar("T")
 
 
@@ -63,11 +85,13 @@ class OpenAIClient:
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key or "none", timeout=self.timeout,
                                   max_retries=0)
 
-    async def request(self, send: Callable[[], Awaitable[T]], path: str) -> T:
-        """`await send()`, retrying transient failures (and MalformedAnswer) with exponential backoff and jitter;
-        TransientFailure when retries run out, BackendError for a non-retryable 4xx."""
+    async def request(self, send: Callable[[], Awaitable[T]], path: str, max_retries: int | None = None) -> T:
+        """`await send()`, retrying transient failures (and MalformedAnswer) with exponential backoff and jitter,
+        `max_retries` times (default: the client's); TransientFailure when retries run out, BackendError for a
+        non-retryable 4xx."""
+        retries = self.max_retries if max_retries is None else max_retries
         last = ""
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(retries + 1):
             if attempt:
                 delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
                 await asyncio.sleep(delay * (0.5 + self._rng.random()))  # jitter: spread retries of many agents
@@ -84,7 +108,7 @@ class OpenAIClient:
                 last = f"malformed body ({str(e)[:80]})"
             except MalformedAnswer as e:
                 last = str(e)
-        raise TransientFailure(f"{self.base_url}{path}: gave up after {self.max_retries + 1} attempts ({last})")
+        raise TransientFailure(f"{self.base_url}{path}: gave up after {retries + 1} attempts ({last})")
 
     def run_all(self, make: Callable[[openai.AsyncOpenAI, object], Awaitable[T]], items: Sequence,
                 concurrency: int) -> list[T | TransientFailure]:
@@ -106,9 +130,9 @@ class OpenAIClient:
 
         return asyncio.run(main()) if items else []
 
-    def call(self, make: Callable[[openai.AsyncOpenAI], Awaitable[T]], path: str) -> T:
+    def call(self, make: Callable[[openai.AsyncOpenAI], Awaitable[T]], path: str, max_retries: int | None = None) -> T:
         """One request with retries (TransientFailure or BackendError when it fails)."""
-        result = self.run_all(lambda sdk, _: self.request(lambda: make(sdk), path), [None], 1)[0]
+        result = self.run_all(lambda sdk, _: self.request(lambda: make(sdk), path, max_retries), [None], 1)[0]
         if isinstance(result, TransientFailure):
             raise result
         return result
@@ -133,33 +157,99 @@ def check_server(client: OpenAIClient, model: str, setting: str) -> None:
 class OpenAIBackend(Backend):
     kind = "openai"
 
+    # a written rating's words before its reason: "Rating: N ### Reason:"
+    RATING_PREFIX_TOKENS = 8
+
     def __init__(self, client: OpenAIClient, model: str, *, temperature: float = 0.7, max_tokens: int = 128,
-                 concurrency: int = 8, max_missing_fraction: float = 0.5):
+                 reason_tokens: int = 32, readout: str = "auto", concurrency: int = 8,
+                 max_missing_fraction: float = 0.5, setting: str = "backend"):
+        """`max_tokens` limits answers (drafts, revisions); a rating's reply gets `reason_tokens` for its reason.
+        `readout`: one of READOUTS, or 'auto' (the first the server supports, probed by `check`)."""
         super().__init__(name=f"openai:{model}", max_missing_fraction=max_missing_fraction)
-        self.client, self.model = client, model
+        if readout not in ("auto", *READOUTS):
+            raise ValueError(f"{setting}.rating_readout of kind 'openai' must be 'auto' or one of {READOUTS}, got "
+                             f"{readout!r}")
+        self.client, self.model, self.setting = client, model, setting
         self.temperature, self.max_tokens, self.concurrency = temperature, max_tokens, concurrency
+        self.rating_tokens = self.RATING_PREFIX_TOKENS + reason_tokens
+        self.readout, self.response_format = readout, None
         self.endpoint = client.base_url
+        self._set_wording()
+
+    def _set_wording(self) -> None:
+        # logprobs: "Rating: N ### Reason: …" asked for, N read where it is written; otherwise asked outright
+        self.rating_readout = self.engagement_readout = "digits" if self.readout == "logprobs" else "generate"
 
     def check(self) -> None:
-        check_server(self.client, self.model, "backend.model")
+        """The server serves the model; then, for `auto`, probe requests (no retries) decide how ratings are read —
+        the first of READOUTS the server supports — and say so on stderr; `structured` picks the response_format
+        variant the server takes."""
+        check_server(self.client, self.model, f"{self.setting}.model")
+        if self.readout in ("auto", "structured"):
+            self.response_format = self._probe_structured()
+            if self.response_format is not None:
+                self.readout = "structured"
+            elif self.readout == "structured":
+                raise BackendError(f"{self.client.base_url}: the server takes none of the response_format variants "
+                                   f"{[f['type'] for f in RESPONSE_FORMATS]} ({self.setting}.rating_readout "
+                                   "'structured'); use 'logprobs' or 'text'")
+        if self.readout == "auto":
+            self.readout = "logprobs" if self._probe_logprobs() else "text"
+        self._set_wording()
+        sys.stderr.write(f"{self.describe()}: ratings read by '{self.readout}'"
+                         + (f" (response_format {self.response_format['type']})" if self.response_format else "")
+                         + "\n")
 
-    async def _complete(self, sdk: openai.AsyncOpenAI, prompt: str, seed: int) -> tuple[str, int, int]:
+    def _probe(self, **options):
+        messages = [{"role": "user", "content": PROBE}]
+        try:
+            return self.client.call(lambda sdk: sdk.chat.completions.create(
+                model=self.model, messages=messages, temperature=0.0, **options), "/chat/completions", max_retries=0)
+        except (BackendError, TransientFailure):
+            return None
+
+    def _probe_logprobs(self) -> bool:
+        content = _logprob_tokens(self._probe(max_tokens=1, logprobs=True, top_logprobs=5))
+        return bool(content and content[0].top_logprobs)
+
+    def _probe_structured(self) -> dict | None:
+        for response_format in RESPONSE_FORMATS:
+            answer = self._probe(max_tokens=48, response_format=response_format)
+            text = answer.choices[0].message.content if answer is not None and answer.choices else None
+            if isinstance(text, str) and _structured_rating(text).value is not None:
+                return response_format
+        return None
+
+    async def _complete(self, sdk: openai.AsyncOpenAI, prompt: str, seed: int, max_tokens: int, options: dict
+                        ) -> tuple[str | Rating, int, int]:
         async def send():
             answer = await sdk.chat.completions.create(
                 model=self.model, messages=[{"role": "user", "content": prompt}], temperature=self.temperature,
-                max_tokens=self.max_tokens, seed=seed)
+                max_tokens=max_tokens, seed=seed, **options)
             text = answer.choices[0].message.content if answer.choices and answer.choices[0].message else None
             if not isinstance(text, str):
                 raise MalformedAnswer(f"an answer without a message ({str(answer)[:120]})")
             usage = answer.usage
-            return (text.strip(), int(getattr(usage, "prompt_tokens", 0) or 0),
-                    int(getattr(usage, "completion_tokens", 0) or 0))
+            counts = int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)
+            if options.get("logprobs"):
+                rating = _logprobs_rating(text, _logprob_tokens(answer))
+                if rating.value is None:  # prose without a rating: ask for the number alone, read its distribution
+                    number = await sdk.chat.completions.create(
+                        model=self.model, messages=[{"role": "user", "content": f"{prompt}\n{NUMBER_ONLY}"}],
+                        temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
+                    value = _logprobs_rating("", _logprob_tokens(number)).value
+                    rating = Rating(value, text.strip() or None) if value is not None else rating
+                return (rating, *counts)
+            if options.get("response_format"):
+                return (_structured_rating(text), *counts)
+            return (text.strip(), *counts)
 
         return await self.client.request(send, "/chat/completions")
 
-    def _run(self, requests: Sequence[Request], seed: int) -> list[str | None]:
-        results = self.client.run_all(lambda sdk, ir: self._complete(sdk, ir[1].prompt.completion, seed + ir[0]),
-                                      list(enumerate(requests)), self.concurrency)
+    def _run(self, requests: Sequence[Request], seed: int, max_tokens: int, options: dict | None = None) -> list:
+        results = self.client.run_all(
+            lambda sdk, ir: self._complete(sdk, ir[1].prompt.completion, seed + ir[0], max_tokens, options or {}),
+            list(enumerate(requests)), self.concurrency)
         failures = [r for r in results if isinstance(r, TransientFailure)]
         if failures:
             self.last_error = str(failures[-1])
@@ -169,11 +259,60 @@ class OpenAIBackend(Backend):
         return [None if isinstance(r, TransientFailure) else r[0] for r in results]
 
     def generate(self, requests: Sequence[Request], seed: int) -> list[str | None]:
-        return self._run(requests, seed)
+        return self._run(requests, seed, self.max_tokens)
 
     def rate(self, requests: Sequence[Request], seed: int) -> list[Rating]:
-        ratings = [parse_rating(text) for text in self._run(requests, seed)]
+        options = ({"logprobs": True, "top_logprobs": TOP_LOGPROBS} if self.readout == "logprobs" else
+                   {"response_format": self.response_format} if self.readout == "structured" else {})
+        ratings = [r if isinstance(r, Rating) else parse_rating(r)
+                   for r in self._run(requests, seed, self.rating_tokens, options)]
         unreadable = [r.reason for r in ratings if r.value is None and r.reason]
         if unreadable:
             self.last_error = f"no 'Rating: N' (1-7) in the answer {unreadable[-1][:120]!r}"
         return ratings
+
+
+def _logprob_tokens(answer) -> list:
+    choice = answer.choices[0] if answer is not None and answer.choices else None
+    return list(choice.logprobs.content or []) if choice is not None and choice.logprobs is not None else []
+
+
+def _logprobs_rating(text: str, tokens: list) -> Rating:
+    """Σ k·p(k) over 1…7 from the top_logprobs (normalised over the digits listed) at the token where the reply
+    writes its rating: its number (`rating_match`), else the token after its first "Rating:" (a small model writes
+    "Rating: N" literally, yet its distribution there still ranks the digits), else the reply's first token. The
+    reason is the written one (`parse_rating`); no digit listed there: the written rating, if any."""
+    written = parse_rating(text)
+    match = rating_match(text)
+    cue = re.search(r"rating[\s:*=#-]*", text, re.I)
+    stated = REASON.search(text)
+    reason = written.reason if written.value is not None or not stated else stated.group(1).strip(" *") or None
+    position = match.start(1) if written.value is not None and match else cue.end() if cue else 0
+    offset = 0  # the token whose characters reach `position` (the reply is the tokens' text)
+    for token in tokens:
+        if offset + len(token.token) > position:
+            logp: dict[int, float] = {}
+            for item in token.top_logprobs:
+                if item.token.strip() in DIGITS:
+                    k = int(item.token.strip())
+                    logp[k] = float(np.logaddexp(logp.get(k, -np.inf), item.logprob))
+            if logp:
+                ks, lps = np.array(list(logp), np.float64), np.array(list(logp.values()), np.float64)
+                p = np.exp(lps - lps.max())
+                return Rating(float((ks * p).sum() / p.sum()), reason)
+            break
+        offset += len(token.token)
+    return written
+
+
+def _structured_rating(text: str) -> Rating:
+    """{"rating": 1…7, "reason": "…"} → Rating; anything else is read as text (`parse_rating`)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return parse_rating(text)
+    rating = data.get("rating") if isinstance(data, dict) else None
+    if isinstance(rating, (int, float)) and not isinstance(rating, bool) and 1 <= rating <= 7:
+        reason = data.get("reason")
+        return Rating(float(rating), (reason.strip() or None) if isinstance(reason, str) else None)
+    return Rating(None, text.strip() or None)

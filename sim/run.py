@@ -111,7 +111,8 @@ def make_backend(b, models: LocalModels, name: str):
         raise ValueError(f"{name}.model must name the served model for kind 'openai'")
     client = OpenAIClient(b.base_url, b.api_key_env, timeout=b.timeout, max_retries=b.max_retries)
     return OpenAIBackend(client, b.model, temperature=b.temperature, max_tokens=b.max_new_tokens,
-                         concurrency=b.concurrency, max_missing_fraction=b.max_missing_fraction)
+                         reason_tokens=b.reason_tokens, readout=b.rating_readout, concurrency=b.concurrency,
+                         max_missing_fraction=b.max_missing_fraction, setting=name)
 
 
 def make_embedder(e, models: LocalModels, backend_cfg):

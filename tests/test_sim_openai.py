@@ -1,16 +1,18 @@
 """The OpenAI-compatible backend against a fake server on 127.0.0.1 that misbehaves on purpose."""
 
 import json
+import re
 import threading
 import time
 
 import numpy as np
 import pytest
-
 from conftest import JsonServer
+
+from sim import openai_backend
 from sim.backends import Request, parse_rating
 from sim.embedders import OpenAIEmbedder
-from sim.openai_backend import BackendError, OpenAIClient, OpenAIBackend
+from sim.openai_backend import BackendError, OpenAIBackend, OpenAIClient
 from sim.prompts import Prompt
 
 
@@ -87,6 +89,13 @@ def test_survives_429_500_timeouts_and_malformed_bodies(server):
     assert server.seen[-1][1]["model"] == "test-model" and server.seen[-1][0] == "/v1/chat/completions"
 
 
+def test_answers_and_ratings_have_their_own_token_limits(server):
+    backend = _backend(server.url, max_tokens=48, reason_tokens=20)
+    backend.generate([Request(Prompt("Q?"), "Q?", stage="draft")], seed=0)
+    backend.rate([Request(Prompt("…", "Rating:"), "Q?", "A", stage="feedback")], seed=0)
+    assert [body["max_tokens"] for _, body, _ in server.seen] == [48, 20 + OpenAIBackend.RATING_PREFIX_TOKENS]
+
+
 @pytest.mark.parametrize("server", [[500] * 10], indirect=True)
 def test_a_request_that_keeps_failing_is_missing(server):
     backend = _backend(server.url, max_retries=2)
@@ -148,7 +157,93 @@ def test_the_embedder_defaults_to_the_backends_server_and_limits(server):
     ("I think it is fine.", None, "I think it is fine."),
     ("Rating: 9 ### Reason: too high", None, "Rating: 9 ### Reason: too high"),
     (None, None, None),
+    # what real chat models write (llama.cpp + SmolLM2-135M-Instruct): "Rating: N" anywhere, markdown, "N/7"
+    ("**Rating:** 5\n**Reason:** kind and honest", 5.0, "kind and honest"),
+    ("The answer is considerate. Rating: 6.", 6.0, "The answer is considerate"),
+    ("Rating: 4/7. Reason: polite", 4.0, "polite"),
+    ("Rating: 10 **#Reason**", None, "Rating: 10 **#Reason**"),  # outside 1..7: missing, the raw reply kept
+    ("Rating: N ### Reason: N is the number", None, "Rating: N ### Reason: N is the number"),
+    ("Rating: 12", None, "Rating: 12"),
 ])
 def test_rating_parsing(text, value, reason):
     rating = parse_rating(text)
     assert (rating.value, rating.reason) == (value, reason)
+
+
+class ReadoutServer(JsonServer):
+    """A server with chosen capabilities: `formats` — the response_format types it takes (others: HTTP 400, as
+    llama.cpp answers json_schema); `logprobs` — whether it returns them. Its rating replies are fixed."""
+
+    def __init__(self, formats=(), logprobs=False, reply="Rating: 5 ### Reason: kind"):
+        self.formats, self.logprobs, self.reply, self.seen = set(formats), logprobs, reply, []
+        super().__init__(self.respond)
+
+    def respond(self, path, body, headers):
+        if body is None:
+            return 200, json.dumps({"data": [{"id": "m"}]}).encode()
+        self.seen.append(body)
+        response_format = body.get("response_format")
+        if response_format and response_format["type"] not in self.formats:
+            return 400, b'{"error": {"message": "response_format not supported"}}'
+        if response_format:
+            text = json.dumps({"rating": 6, "reason": "kind and fair"})
+        elif body["messages"][-1]["content"].endswith(openai_backend.NUMBER_ONLY):
+            text = "7"
+        else:
+            text = self.reply
+        choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+        if self.logprobs and body.get("logprobs"):
+            choice["logprobs"] = {"content": self.tokens(text)}
+        return 200, json.dumps({"object": "chat.completion", "choices": [choice]}).encode()
+
+    @staticmethod
+    def tokens(text):
+        """The reply as tokens; at a digit (or the literal N, or a lone reply) p(5) = .5, p(6) = .3, p(4) = .2."""
+        pieces = re.findall(r"\s*\S+", text) if len(text) > 1 else [text]
+        out = []
+        for piece in pieces:
+            top = [{"token": piece, "logprob": -0.1, "bytes": None}]
+            if piece.strip() in {"5", "N", "7"}:
+                top = [{"token": t, "logprob": float(np.log(p)), "bytes": None}
+                       for t, p in ((" 5", 0.5), ("6", 0.3), (" 4", 0.2))]
+            out.append({"token": piece, "logprob": -0.1, "bytes": None, "top_logprobs": top})
+        return out
+
+
+def _rate(backend, n=1):
+    return backend.rate([Request(Prompt("Q: …\nA: …", "Rating:"), "Q?", "A", stage="feedback")] * n, seed=0)
+
+
+def test_auto_readout_picks_structured_then_logprobs_then_text_and_reads_each(capsys):
+    cases = [(dict(formats={"json_schema", "json_object"}, logprobs=True), "structured", "json_schema", 6.0,
+              "kind and fair"),
+             (dict(formats={"json_object"}), "structured", "json_object", 6.0, "kind and fair"),  # llama.cpp's variant
+             (dict(logprobs=True), "logprobs", None, 5 * 0.5 + 6 * 0.3 + 4 * 0.2, "kind"),
+             (dict(logprobs=True, reply="Rating: N ### Reason: fair"), "logprobs", None, 5.1, "fair"),  # literal N
+             (dict(logprobs=True, reply="A kind answer."), "logprobs", None, 5.1, "A kind answer."),  # number asked
+             (dict(), "text", None, 5.0, "kind")]
+    for capabilities, readout, response_format, value, reason in cases:
+        server = ReadoutServer(**capabilities)
+        try:
+            backend = OpenAIBackend(OpenAIClient(server.url, max_retries=0), "m")
+            backend.check()
+            assert (backend.readout, (backend.response_format or {}).get("type")) == (readout, response_format)
+            assert f"ratings read by '{readout}'" in capsys.readouterr().err
+            rating = _rate(backend)[0]
+            assert rating.value == pytest.approx(value) and rating.reason == reason, capabilities
+            assert backend.rating_readout == ("digits" if readout == "logprobs" else "generate")
+        finally:
+            server.close()
+
+
+def test_a_readout_the_server_cannot_give_is_refused_by_name():
+    server = ReadoutServer()
+    try:
+        with pytest.raises(BackendError, match=r"takes none of the response_format variants .* "
+                                               r"\(observer_backend.rating_readout 'structured'\)"):
+            OpenAIBackend(OpenAIClient(server.url, max_retries=0), "m", readout="structured",
+                          setting="observer_backend").check()
+    finally:
+        server.close()
+    with pytest.raises(ValueError, match=r"backend.rating_readout of kind 'openai' must be 'auto' or one of"):
+        OpenAIBackend(OpenAIClient("http://127.0.0.1:1/v1"), "m", readout="digits")
