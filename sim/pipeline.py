@@ -274,6 +274,7 @@ class Pipeline:
             if self.observer_judge:
                 backend = run.make_backend(self.cfg.sim.observer_backend, run.LocalModels(self.cfg.sim.seed),
                                            "sim.observer_backend")
+                backend.check()  # a server: reachable, and how its ratings are read (probed)
                 self._judge = ObserverJudge(backend, self.cfg.sim.seed)
             else:
                 self._judge = judge_lib.load(e.judge, e.judge_readout, batch_size=e.batch_size,
