@@ -37,6 +37,19 @@ def flatten(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def changed_fields(saved: dict, current: dict, defaults: dict, unchecked: tuple[str, ...] = ()
+                   ) -> list[tuple[str, object, object]]:
+    """(field, saved value, current value) of every flattened field whose value differs between two nested config
+    dicts (`json.loads(cfg.to_json())`), sorted, but for fields starting with one of `unchecked`. A field `saved`
+    lacks but `defaults` has (added by a later sajax) counts as saved at its default value."""
+    saved, current, defaults = flatten(saved), flatten(current), flatten(defaults)
+    for key in set(current) - set(saved):
+        if key in defaults:
+            saved[key] = defaults[key]
+    return [(key, saved.get(key), current.get(key)) for key in sorted(set(saved) | set(current))
+            if not key.startswith(unchecked) and saved.get(key) != current.get(key)]
+
+
 def bundled_config(name: str) -> str:
     """Path of configs/<name>: installed as the package `sajax.configs`, or beside `sajax/` in a source
     checkout."""

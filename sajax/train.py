@@ -84,15 +84,11 @@ def check_same_run(cfg, workdir: Path) -> None:
     saved = fileutil.read_json(config_file)
     if not isinstance(saved, dict):
         raise ValueError(f"{config_file}: expected a JSON object, got {type(saved).__name__}")
-    saved, current = config_files.flatten(saved), config_files.flatten(_config_dict(cfg))
-    defaults = config_files.flatten(_config_dict(config_files.load_config(config_files.DEFAULT_CONFIG)))
-    for key in set(current) - set(saved):
-        if key in defaults:
-            saved[key] = defaults[key]
-    changed = [key for key in sorted(set(saved) | set(current))
-               if not key.startswith(RESUMABLE_CHANGES) and saved.get(key) != current.get(key)]
+    changed = config_files.changed_fields(saved, _config_dict(cfg),
+                                          _config_dict(config_files.load_config(config_files.DEFAULT_CONFIG)),
+                                          RESUMABLE_CHANGES)
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in changed[:5])
+        details = ", ".join(f"{k}: {old!r} → {new!r}" for k, old, new in changed[:5])
         raise TrainingError(f"{config_file} was written by a run with another configuration ({details}); use a "
                             "new --workdir, or the same config to resume")
 

@@ -23,7 +23,9 @@ from typing import TypeVar
 
 import numpy as np
 import openai
+from scipy import special
 
+from sajax.evals import served
 from sim.backends import REASON, Backend, Rating, Request, parse_rating, rating_match
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -291,15 +293,10 @@ def _logprobs_rating(text: str, tokens: list) -> Rating:
     offset = 0  # the token whose characters reach `position` (the reply is the tokens' text)
     for token in tokens:
         if offset + len(token.token) > position:
-            logp: dict[int, float] = {}
-            for item in token.top_logprobs:
-                if item.token.strip() in DIGITS:
-                    k = int(item.token.strip())
-                    logp[k] = float(np.logaddexp(logp.get(k, -np.inf), item.logprob))
+            logp = served.option_logprobs(token.top_logprobs, DIGITS)
             if logp:
-                ks, lps = np.array(list(logp), np.float64), np.array(list(logp.values()), np.float64)
-                p = np.exp(lps - lps.max())
-                return Rating(float((ks * p).sum() / p.sum()), reason)
+                p = special.softmax(np.array(list(logp.values()), np.float64))
+                return Rating(float(p @ np.array([int(k) for k in logp], np.float64)), reason)
             break
         offset += len(token.token)
     return written

@@ -94,6 +94,11 @@ def _stage_index(stage: str) -> int:
     return next(i for i, prefix in enumerate(STAGE_ORDER) if stage.startswith(prefix))
 
 
+def _first_reader(key: str) -> str:
+    """The first stage that reads config field `key`."""
+    return next((stage for prefix, stage in FIRST_READ_BY if key.startswith(prefix)), STAGE_ORDER[0])
+
+
 def check_workdir(cfg, workdir: Path) -> None:
     """ValueError when `workdir` holds something else, or a pipeline whose completed stages used another
     configuration (a field the saved configuration lacks counts as unchanged at the embedded default's value)."""
@@ -108,22 +113,14 @@ def check_workdir(cfg, workdir: Path) -> None:
     saved = fileutil.read_json(config_file)
     if not isinstance(saved, dict):
         raise ValueError(f"{config_file}: expected a JSON object, got {type(saved).__name__}")
-    saved, current = config_files.flatten(saved), config_files.flatten(json.loads(cfg.to_json()))
-    defaults = config_files.flatten(json.loads(config_files.load_config(DEFAULT_CONFIG).to_json()))
-    for key in set(current) - set(saved):  # a field added by a later sajax counts as unchanged at its default
-        if key in defaults:
-            saved[key] = defaults[key]
     completed = [f.stem for f in (workdir / "stages").glob("*.json")] if (workdir / "stages").is_dir() else []
     last = max((_stage_index(s) for s in completed), default=-1)
-    changed = []
-    for key in sorted(set(saved) | set(current)):
-        if key.startswith(RESUMABLE) or saved.get(key) == current.get(key):
-            continue
-        first = next((stage for prefix, stage in FIRST_READ_BY if key.startswith(prefix)), STAGE_ORDER[0])
-        if _stage_index(first) <= last:
-            changed.append(key)
+    defaults = json.loads(config_files.load_config(DEFAULT_CONFIG).to_json())
+    changed = [(key, old, new) for key, old, new in config_files.changed_fields(saved, json.loads(cfg.to_json()),
+                                                                                defaults, RESUMABLE)
+               if _stage_index(_first_reader(key)) <= last]
     if changed:
-        details = ", ".join(f"{k}: {saved.get(k)!r} → {current.get(k)!r}" for k in changed[:5])
+        details = ", ".join(f"{k}: {old!r} → {new!r}" for k, old, new in changed[:5])
         raise ValueError(f"{config_file}: its completed stages were run with another configuration ({details}); use "
                          "a new --workdir, or the same config to continue it")
 
@@ -131,7 +128,7 @@ def check_workdir(cfg, workdir: Path) -> None:
 class Pipeline:
     def __init__(self, cfg, workdir, log=None):
         self.cfg, self.workdir = cfg, Path(workdir).absolute()
-        self._judge = None
+        self._judge = self._choices = None
         self.log = log or (lambda text: sys.stderr.write(text + "\n"))
 
     # -- stage bookkeeping ---------------------------------------------------------------------------------------
@@ -160,7 +157,7 @@ class Pipeline:
         check_workdir(cfg, self.workdir)
         run.world_config(cfg.sim).validate()
         questions = run.read_questions(cfg.sim.questions_file)
-        multiple_choice.read(cfg.eval.data or multiple_choice.BUILT_IN)  # a bad file stops the run before any write
+        self.choices()  # a bad questions file stops the run before any write
         if not self.observer_judge and not served.is_url(cfg.eval.judge):
             known_models.resolve(cfg.eval.judge)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -290,9 +287,12 @@ class Pipeline:
         return {"auc": result["auc"], "comparison_accuracy": result["comparison_accuracy"]}
 
     def choices(self) -> multiple_choice.Questions:
-        e = self.cfg.eval
-        choices = multiple_choice.read(e.data or multiple_choice.BUILT_IN)
-        return dataclasses.replace(choices, items=choices.items[:e.limit]) if e.limit else choices
+        """The multiple-choice questions (`eval.data`, first `eval.limit`), read once."""
+        if self._choices is None:
+            e = self.cfg.eval
+            choices = multiple_choice.read(e.data or multiple_choice.BUILT_IN)
+            self._choices = dataclasses.replace(choices, items=choices.items[:e.limit]) if e.limit else choices
+        return self._choices
 
     def run_eval(self, evaluation: str, model, judge) -> dict:
         e, choices = self.cfg.eval, self.choices()

@@ -69,8 +69,7 @@ def check(workdir: Path, config_json: dict, *, resume: bool, overwrite: bool) ->
         saved = fileutil.read_json(config_file)
         if not isinstance(saved, dict):
             raise WorkdirError(f"{config_file}: expected a JSON object, got {type(saved).__name__}")
-        saved, current = config_files.flatten(saved), config_files.flatten(config_json)
-        changed = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE and saved.get(k) != current.get(k))
+        changed = [key for key, _, _ in config_files.changed_fields(saved, config_json, {}, RESUMABLE)]
         if changed:
             raise WorkdirError(f"{config_file}: the run was made with another configuration (changed: "
                                f"{', '.join(changed)}); use a new --workdir or --overwrite")

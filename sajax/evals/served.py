@@ -26,6 +26,17 @@ def is_url(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
+def option_logprobs(top_logprobs, options) -> dict[str, float]:
+    """{option: log p} of the `options` among one token's `top_logprobs` (objects with .token and .logprob, as the
+    openai client gives them); tokens are compared without surrounding spaces, and " Yes" and "Yes" add up."""
+    found: dict[str, float] = {}
+    for item in top_logprobs:
+        token = item.token.strip()
+        if token in options:
+            found[token] = float(np.logaddexp(found.get(token, -np.inf), item.logprob))
+    return found
+
+
 class ServedModel:
     """`option_loglikelihoods` of a served chat model. `api_key_env` names the environment variable holding the key
     (never the key itself); `concurrency` requests are in flight at once; the client retries `max_retries` times
@@ -63,9 +74,5 @@ class ServedModel:
         if not content:
             raise ServerError(f"judge {self.model!r} at {self.base_url} returned no logprobs; a served judge needs a "
                               "server that returns `logprobs` / `top_logprobs` for chat completions")
-        found: dict[str, float] = {}
-        for item in content[0].top_logprobs:  # " Yes" and "Yes" are the same answer: their probabilities add
-            token = item.token.strip()
-            if token in options:
-                found[token] = float(np.logaddexp(found.get(token, -np.inf), item.logprob))
+        found = option_logprobs(content[0].top_logprobs, options)
         return [found.get(option, -np.inf) for option in options]
