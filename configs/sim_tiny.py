@@ -15,6 +15,7 @@ def _backend(kind: str) -> ml_collections.ConfigDict:
         batch_size=8,  # local: rows per jitted call (small on CPU, where big batches spill the caches)
         base_url="http://127.0.0.1:8000/v1", model="", api_key_env="",  # openai: key read from this env var
         temperature=0.7, top_p=0.95, max_new_tokens=48, reason_tokens=32,
+        revision_tokens=0,  # revisions' limit (they restate the draft and add to it); 0 = max_new_tokens
         concurrency=8, timeout=60.0, max_retries=5,
         max_missing_fraction=0.5))  # a stage with more of its outputs missing stops the round (not committed)
 

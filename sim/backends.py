@@ -71,7 +71,8 @@ def parse_rating(text: str | None) -> Rating:
 class Backend:
     """`name` goes into every record's `model` field; `endpoint` (HTTP backends) names the server in errors;
     `last_error` is the most recent reason an output was missing; a stage with more than `max_missing_fraction`
-    of its outputs missing stops the round (`sim.engine.check_stage`)."""
+    of its outputs missing stops the round (`sim.engine.check_stage`). `journal` (`sim.journal.Journal`, set for
+    each round by `sim.run`): where a backend whose calls are paid for records its responses and replays them."""
 
     kind = "base"
     # how ratings are asked for (sim.prompts.READOUTS): by default written out as "Rating: N ### Reason: …"
@@ -86,6 +87,7 @@ class Backend:
         self.endpoint = ""
         self.max_missing_fraction = max_missing_fraction
         self.last_error: str | None = None
+        self.journal = None
 
     def check(self) -> None:
         """Raises when the backend cannot work (a server that cannot be reached); called before a run writes
@@ -102,6 +104,13 @@ class Backend:
 
     def generate(self, requests: Sequence[Request], seed: int) -> list[str | None]:
         raise NotImplementedError
+
+    @staticmethod
+    def answer_tokens(requests: Sequence[Request], max_new_tokens: int, revision_tokens: int) -> int:
+        """The token limit of a stage's answers: `revision_tokens` for revisions when set (> 0), else
+        `max_new_tokens`."""
+        revising = bool(requests) and requests[0].stage == "revise"
+        return revision_tokens if revising and revision_tokens > 0 else max_new_tokens
 
     def rate(self, requests: Sequence[Request], seed: int) -> list[Rating]:
         raise NotImplementedError

@@ -69,6 +69,7 @@ class OpenAIEmbedder:
 
     def __init__(self, client, model: str, batch_size: int = 64, concurrency: int = 4):
         self.client, self.model, self.batch_size, self.concurrency = client, model, batch_size, concurrency
+        self.journal = None  # the round's sim.journal.Journal: answers recorded, replayed on a resumed round
 
     def embed(self, texts: list[str]) -> np.ndarray:
         from sim.openai_backend import BackendError, MalformedAnswer, TransientFailure
@@ -76,13 +77,21 @@ class OpenAIEmbedder:
         where = f"{self.client.base_url}/embeddings (embedder.model {self.model!r})"
 
         async def one(sdk, chunk):
-            async def send():
-                answer = await sdk.embeddings.create(model=self.model, input=chunk, encoding_format="float")
-                if not answer.data:
-                    raise MalformedAnswer(f"an answer without embeddings ({str(answer)[:120]})")
-                return [d.embedding for d in sorted(answer.data, key=lambda d: d.index)]
+            body = {"model": self.model, "input": chunk, "encoding_format": "float"}
+            saved = self.journal.replay("embeddings", body) if self.journal is not None else None
+            if saved is not None:
+                return vectors_of(saved)
 
-            return await self.client.request(send, "/embeddings")
+            async def send():
+                answer = (await sdk.embeddings.create(**body)).model_dump(mode="json", exclude_unset=True)
+                if not answer.get("data"):
+                    raise MalformedAnswer(f"an answer without embeddings ({str(answer)[:120]})")
+                return answer
+
+            answer = await self.client.request(send, "/embeddings")
+            if self.journal is not None:
+                self.journal.record("embeddings", body, answer, "embed")
+            return vectors_of(answer)
 
         chunks = [texts[start:start + self.batch_size] for start in range(0, len(texts), self.batch_size)]
         rows = []
@@ -91,6 +100,11 @@ class OpenAIEmbedder:
                 raise BackendError(f"{where}: {vectors}")
             rows += check_vectors(vectors, len(chunk), where)
         return normalize(np.asarray(rows, np.float32))
+
+
+def vectors_of(answer: dict) -> list:
+    """The vectors of an `/embeddings` answer, in the order of its inputs."""
+    return [d.get("embedding") for d in sorted(answer["data"], key=lambda d: d.get("index", 0))]
 
 
 def check_vectors(vectors: list, inputs: int, where: str) -> list[list[float]]:

@@ -13,13 +13,14 @@ from (seed, round, stage), so a round recomputed after a crash is identical.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import numpy as np
 
 from sim import prompts, world
 from sim.backends import Backend, Rating, Request
-from sim.memory import Memory
+from sim.memory import Memory, share_within
 
 STAGES = ("draft", "feedback", "revise", "observe_alignment", "observe_engagement")
 
@@ -54,12 +55,34 @@ class MemoryConfig:
     scann_min_size: int = 4096
 
 
+# more than this share of pairs of different questions within memory.threshold: the embedder cannot tell them apart
+UNINFORMATIVE_SHARE = 0.9
+
+
 class Society:
     def __init__(self, world_config: world.WorldConfig, memory_config: MemoryConfig, agents: list[Agent],
-                 rng: np.random.Generator, embedder, seed: int, world_id: int = 0):
+                 rng: np.random.Generator, embedder, seed: int, world_id: int = 0, embedder_name: str = "embedder"):
         self.world, self.memory_config, self.agents, self.rng = world_config, memory_config, agents, rng
-        self.embedder, self.seed, self.world_id = embedder, seed, world_id
+        self.embedder, self.seed, self.world_id, self.embedder_name = embedder, seed, world_id, embedder_name
         self.circles = world.social_circles(world_config)
+        self.similarities_checked = False
+
+    def check_similarities(self, questions: list[str], vectors: np.ndarray) -> float | None:
+        """Once per run, on the first round's questions: the share of pairs of different questions within
+        memory.threshold (`sim.memory.share_within`); above UNINFORMATIVE_SHARE a warning on stderr says that recall
+        will bring back unrelated questions and how to fix it."""
+        if self.similarities_checked:
+            return None
+        self.similarities_checked = True
+        distinct = {q: v for q, v in zip(questions, vectors)}
+        share = share_within(np.stack(list(distinct.values())), self.memory_config.threshold)
+        if len(distinct) > 2 and share > UNINFORMATIVE_SHARE:
+            sys.stderr.write(f"warning: the embedder ({self.embedder_name}) puts {share:.0%} of the pairs of "
+                             f"{len(distinct)} different questions within memory.threshold "
+                             f"{self.memory_config.threshold:g} (cosine distance): agents will recall unrelated "
+                             "questions. Use an embedding model (embedder.model), the 'hashing' embedder, or a "
+                             "smaller memory.threshold\n")
+        return share
 
     def stage_seed(self, round_index: int, stage: str) -> int:
         return int(np.random.SeedSequence([self.seed, round_index, STAGES.index(stage)]).generate_state(1)[0])
@@ -91,6 +114,7 @@ def run_round(society: Society, round_index: int, questions: list[str], backend:
     asked = [questions[i] for i in society.rng.choice(len(questions), size=len(agents),
                                                      replace=len(questions) < len(agents))]
     question_vectors = society.embedder.embed(asked)
+    society.check_similarities(asked, question_vectors)
     peers = [world.select_peers(society.world, a.index, society.circles[a.index], society.rng) for a in agents]
 
     def step(name):

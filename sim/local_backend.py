@@ -72,7 +72,7 @@ class LocalBackend(Backend):
     kind = "local"
 
     def __init__(self, config, params, tokenizer, *, max_new_tokens: int = 48, temperature: float = 0.7,
-                 top_p: float = 0.95, reason_tokens: int = 32, rating_mode: str = "expected",
+                 top_p: float = 0.95, reason_tokens: int = 32, revision_tokens: int = 0, rating_mode: str = "expected",
                  rating_readout: str = "auto", engagement_readout: str = "auto", batch_size: int = 32,
                  name: str = "local", max_missing_fraction: float = 0.5):
         from sajax import generate
@@ -91,7 +91,7 @@ class LocalBackend(Backend):
                 raise ValueError(f"backend.{field} must be 'auto' or one of {prompts.READOUTS}, got {value!r}")
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.reason_tokens, self.rating_mode = reason_tokens, rating_mode
+        self.reason_tokens, self.rating_mode, self.revision_tokens = reason_tokens, rating_mode, revision_tokens
         self.rating_readout, self.engagement_readout = rating_readout, engagement_readout
         self.batch_size = batch_size  # rows per jitted call
         self.stop_ids = generate.stop_token_ids(config, tokenizer)
@@ -125,7 +125,7 @@ class LocalBackend(Backend):
                 for row, k in zip(generation.tokens, generation.lengths)]
 
     def generate(self, requests: Sequence[Request], seed: int) -> list[str | None]:
-        return self._generate(requests, seed, self.max_new_tokens)
+        return self._generate(requests, seed, self.answer_tokens(requests, self.max_new_tokens, self.revision_tokens))
 
     def _generate(self, requests: Sequence[Request], seed: int, max_new_tokens: int) -> list[str | None]:
         from sajax import generate

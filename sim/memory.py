@@ -20,6 +20,18 @@ def normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
+def share_within(vectors: np.ndarray, threshold: float) -> float:
+    """The share of pairs of different rows (unit vectors [N, D]) within cosine distance `threshold` (1 − cos <
+    threshold): near 1 for questions on unrelated topics means the embedder cannot tell them apart, so recall
+    would bring back unrelated memories."""
+    n = len(vectors)
+    if n < 2:
+        return 0.0
+    distance = 1.0 - vectors @ vectors.T  # [N, N]
+    pairs = np.triu_indices(n, k=1)
+    return float(np.mean(distance[pairs] < threshold))
+
+
 @dataclasses.dataclass(frozen=True)
 class ScannTuning:
     num_leaves: int

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import numpy as np
 import openai
+from openai.types.chat import ChatCompletion
 from scipy import special
 
 from sajax.evals import served
@@ -163,9 +164,10 @@ class OpenAIBackend(Backend):
     RATING_PREFIX_TOKENS = 8
 
     def __init__(self, client: OpenAIClient, model: str, *, temperature: float = 0.7, max_tokens: int = 128,
-                 reason_tokens: int = 32, readout: str = "auto", concurrency: int = 8,
+                 reason_tokens: int = 32, revision_tokens: int = 0, readout: str = "auto", concurrency: int = 8,
                  max_missing_fraction: float = 0.5, setting: str = "backend"):
-        """`max_tokens` limits answers (drafts, revisions); a rating's reply gets `reason_tokens` for its reason.
+        """`max_tokens` limits drafts, `revision_tokens` revisions (0: `max_tokens`); a rating's reply gets
+        `reason_tokens` for its reason.
         `readout`: one of READOUTS, or 'auto' (the first the server supports, probed by `check`)."""
         super().__init__(name=f"openai:{model}", max_missing_fraction=max_missing_fraction)
         if readout not in ("auto", *READOUTS):
@@ -173,6 +175,7 @@ class OpenAIBackend(Backend):
                              f"{readout!r}")
         self.client, self.model, self.setting = client, model, setting
         self.temperature, self.max_tokens, self.concurrency = temperature, max_tokens, concurrency
+        self.revision_tokens = revision_tokens
         self.rating_tokens = self.RATING_PREFIX_TOKENS + reason_tokens
         self.readout, self.response_format = readout, None
         self.endpoint = client.base_url
@@ -222,35 +225,50 @@ class OpenAIBackend(Backend):
                 return response_format
         return None
 
-    async def _complete(self, sdk: openai.AsyncOpenAI, prompt: str, seed: int, max_tokens: int, options: dict
-                        ) -> tuple[str | Rating, int, int]:
-        async def send():
-            answer = await sdk.chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": prompt}], temperature=self.temperature,
-                max_tokens=max_tokens, seed=seed, **options)
-            text = answer.choices[0].message.content if answer.choices and answer.choices[0].message else None
-            if not isinstance(text, str):
-                raise MalformedAnswer(f"an answer without a message ({str(answer)[:120]})")
-            usage = answer.usage
-            counts = int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)
-            if options.get("logprobs"):
-                rating = _logprobs_rating(text, _logprob_tokens(answer))
-                if rating.value is None:  # prose without a rating: ask for the number alone, read its distribution
-                    number = await sdk.chat.completions.create(
-                        model=self.model, messages=[{"role": "user", "content": f"{prompt}\n{NUMBER_ONLY}"}],
-                        temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
-                    value = _logprobs_rating("", _logprob_tokens(number)).value
-                    rating = Rating(value, text.strip() or None) if value is not None else rating
-                return (rating, *counts)
-            if options.get("response_format"):
-                return (_structured_rating(text), *counts)
-            return (text.strip(), *counts)
+    async def _chat(self, sdk: openai.AsyncOpenAI, stage: str, **body) -> ChatCompletion:
+        """One chat completion with our retries; from the round's journal when it holds this request's answer,
+        otherwise sent and its answer journalled."""
+        if self.journal is not None:
+            saved = self.journal.replay("chat", body)
+            if saved is not None:
+                return ChatCompletion.construct(**saved)
 
-        return await self.client.request(send, "/chat/completions")
+        async def send():
+            answer = await sdk.chat.completions.create(**body)
+            message = answer.choices[0].message if answer.choices else None
+            if message is None or not isinstance(message.content, str):
+                raise MalformedAnswer(f"an answer without a message ({str(answer)[:120]})")
+            return answer
+
+        answer = await self.client.request(send, "/chat/completions")
+        if self.journal is not None:
+            self.journal.record("chat", body, answer.model_dump(mode="json", exclude_unset=True), stage)
+        return answer
+
+    async def _complete(self, sdk: openai.AsyncOpenAI, prompt: str, seed: int, max_tokens: int, options: dict,
+                        stage: str) -> tuple[str | Rating, int, int]:
+        answer = await self._chat(sdk, stage, model=self.model, messages=[{"role": "user", "content": prompt}],
+                                  temperature=self.temperature, max_tokens=max_tokens, seed=seed, **options)
+        text = answer.choices[0].message.content
+        usage = answer.usage
+        counts = int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)
+        if options.get("logprobs"):
+            rating = _logprobs_rating(text, _logprob_tokens(answer))
+            if rating.value is None:  # prose without a rating: ask for the number alone, read its distribution
+                number = await self._chat(sdk, stage, model=self.model,
+                                          messages=[{"role": "user", "content": f"{prompt}\n{NUMBER_ONLY}"}],
+                                          temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=TOP_LOGPROBS)
+                value = _logprobs_rating("", _logprob_tokens(number)).value
+                rating = Rating(value, text.strip() or None) if value is not None else rating
+            return (rating, *counts)
+        if options.get("response_format"):
+            return (_structured_rating(text), *counts)
+        return (text.strip(), *counts)
 
     def _run(self, requests: Sequence[Request], seed: int, max_tokens: int, options: dict | None = None) -> list:
         results = self.client.run_all(
-            lambda sdk, ir: self._complete(sdk, ir[1].prompt.completion, seed + ir[0], max_tokens, options or {}),
+            lambda sdk, ir: self._complete(sdk, ir[1].prompt.completion, seed + ir[0], max_tokens, options or {},
+                                           ir[1].stage),
             list(enumerate(requests)), self.concurrency)
         failures = [r for r in results if isinstance(r, TransientFailure)]
         if failures:
@@ -261,7 +279,7 @@ class OpenAIBackend(Backend):
         return [None if isinstance(r, TransientFailure) else r[0] for r in results]
 
     def generate(self, requests: Sequence[Request], seed: int) -> list[str | None]:
-        return self._run(requests, seed, self.max_tokens)
+        return self._run(requests, seed, self.answer_tokens(requests, self.max_tokens, self.revision_tokens))
 
     def rate(self, requests: Sequence[Request], seed: int) -> list[Rating]:
         options = ({"logprobs": True, "top_logprobs": TOP_LOGPROBS} if self.readout == "logprobs" else

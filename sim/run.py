@@ -103,7 +103,8 @@ def make_backend(b, models: LocalModels, name: str):
 
         config, params, tok = models.get(b.model_dir)
         return LocalBackend(config, params, tok, max_new_tokens=b.max_new_tokens, temperature=b.temperature,
-                            top_p=b.top_p, reason_tokens=b.reason_tokens, rating_mode=b.rating_mode,
+                            top_p=b.top_p, reason_tokens=b.reason_tokens, revision_tokens=b.revision_tokens,
+                            rating_mode=b.rating_mode,
                             rating_readout=b.rating_readout, engagement_readout=b.engagement_readout,
                             batch_size=b.batch_size,
                             name=f"local:{b.model_dir or 'random-tiny'}", max_missing_fraction=b.max_missing_fraction)
@@ -111,7 +112,8 @@ def make_backend(b, models: LocalModels, name: str):
         raise ValueError(f"{name}.model must name the served model for kind 'openai'")
     client = OpenAIClient(b.base_url, b.api_key_env, timeout=b.timeout, max_retries=b.max_retries)
     return OpenAIBackend(client, b.model, temperature=b.temperature, max_tokens=b.max_new_tokens,
-                         reason_tokens=b.reason_tokens, readout=b.rating_readout, concurrency=b.concurrency,
+                         reason_tokens=b.reason_tokens, revision_tokens=b.revision_tokens, readout=b.rating_readout,
+                         concurrency=b.concurrency,
                          max_missing_fraction=b.max_missing_fraction, setting=name)
 
 
@@ -176,11 +178,19 @@ def simulate(cfg, workdir: str | Path, *, resume: bool = False, overwrite: bool 
         agents = new_agents(cfg, wc, rng, embedder, prior)  # embeds the prior: a failing embedder stops here
     store.prepare(workdir, config_json, overwrite=overwrite)
     society = engine.Society(wc, engine.MemoryConfig(**cfg.memory), agents, rng, embedder, cfg.seed,
-                             cfg.world_id)
+                             cfg.world_id, embedder_name=cfg.embedder.kind)
     with tqdm(total=cfg.rounds, initial=done, desc="rounds", unit="round") as bar:
         for round_index in range(done + 1, cfg.rounds + 1):
-            records, metrics = engine.run_round(society, round_index, questions, backend, observer,
-                                                wc.num_observers, progress=bar)
+            journal = store.open_journal(workdir, round_index)
+            for part in (backend, observer, embedder):
+                if hasattr(part, "journal"):  # backends, and an embedder on a server
+                    part.journal = journal
+            try:
+                records, metrics = engine.run_round(society, round_index, questions, backend, observer,
+                                                    wc.num_observers, progress=bar)
+            finally:
+                journal.close()
+            metrics["journal"] = {"replayed": journal.replayed, "sent": journal.recorded}
             store.commit_round(workdir, round_index, records, metrics, society.agents, rng.bit_generator.state)
             bar.update(1)
     all_metrics = store.read_metrics(workdir)

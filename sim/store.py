@@ -3,6 +3,7 @@
     <workdir>/config.json
     <workdir>/rounds/000001/records.jsonl   one record per agent (JSON)
                             metrics.json
+                            journal.jsonl           every HTTP response of the round (sim.journal), if any
                             state/agents.json       labels, locations, memories (questions, answers)
                             state/embeddings.npz    memory embeddings per agent
                             state/rng.json          the society's generator state
@@ -10,7 +11,8 @@ A round is written into `rounds/.tmp-<n>` and renamed to `rounds/<n>` when compl
 a number is always whole; SIGKILL at any moment loses at most the round in progress. The two newest rounds keep
 their `state/` (what a resume needs: if the newest one is damaged later, moving its round out of `rounds/`
 redoes it from the one before); every round keeps its records. Reading checks every file and names the one
-that is damaged.
+that is damaged. The round in progress journals its HTTP responses in `rounds/.journal-<n>.jsonl`, which outlives
+a crash (a resumed round replays it) and moves into the round's directory when it is committed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from sajax import config_files, fileutil
 from sim.engine import Agent
+from sim.journal import Journal
 from sim.memory import Memory
 
 KEPT_STATES = 2
@@ -52,6 +55,15 @@ def committed_rounds(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
+def journal_path(workdir: Path, round_index: int) -> Path:
+    return rounds_dir(workdir) / f".journal-{round_index:06d}.jsonl"
+
+
+def open_journal(workdir: Path, round_index: int) -> Journal:
+    """The journal of the round in progress: what an interrupted attempt at it already received."""
+    return Journal(journal_path(workdir, round_index))
+
+
 def check(workdir: Path, config_json: dict, *, resume: bool, overwrite: bool) -> int:
     """What a start may do with `workdir`, without changing it: the last committed round to continue after
     (0: a fresh run, or `overwrite`). WorkdirError when the workdir holds another run or a run without
@@ -69,7 +81,8 @@ def check(workdir: Path, config_json: dict, *, resume: bool, overwrite: bool) ->
         saved = fileutil.read_json(config_file)
         if not isinstance(saved, dict):
             raise WorkdirError(f"{config_file}: expected a JSON object, got {type(saved).__name__}")
-        changed = [key for key, _, _ in config_files.changed_fields(saved, config_json, {}, RESUMABLE)]
+        defaults = json.loads(config_files.load_config(config_files.bundled_config("sim_tiny.py")).to_json())
+        changed = [key for key, _, _ in config_files.changed_fields(saved, config_json, defaults, RESUMABLE)]
         if changed:
             raise WorkdirError(f"{config_file}: the run was made with another configuration (changed: "
                                f"{', '.join(changed)}); use a new --workdir or --overwrite")
@@ -79,13 +92,16 @@ def check(workdir: Path, config_json: dict, *, resume: bool, overwrite: bool) ->
 
 def prepare(workdir: Path, config_json: dict, *, overwrite: bool) -> None:
     """The writes of a start, once every check has passed: clears the workdir for `overwrite`, writes
-    config.json, removes a round that was being written when a previous process died."""
+    config.json, removes a round that was being written when a previous process died (its journal stays: the
+    redone round replays it)."""
     if overwrite and workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     fileutil.write_text(workdir / "config.json", json.dumps(config_json, indent=2, sort_keys=True) + "\n")
     for leftover in rounds_dir(workdir).glob(".tmp-*") if rounds_dir(workdir).exists() else []:
         shutil.rmtree(leftover)
+    for round_index in committed_rounds(workdir):  # a journal whose round was committed just before a crash
+        journal_path(workdir, round_index).unlink(missing_ok=True)
 
 
 def commit_round(workdir: Path, round_index: int, records: list[dict], metrics: dict, agents: list[Agent],
@@ -105,11 +121,15 @@ def commit_round(workdir: Path, round_index: int, records: list[dict], metrics: 
     (tmp / "state" / "agents.json").write_text(json.dumps(agents_json, ensure_ascii=False) + "\n")
     np.savez(tmp / "state" / "embeddings.npz", **{f"agent_{a.index}": a.memory.embeddings for a in agents})
     (tmp / "state" / "rng.json").write_text(json.dumps(rng_state) + "\n")
+    journal = journal_path(workdir, round_index)
+    if journal.exists():  # copied: a crash before the rename below still has it for the redone round
+        shutil.copyfile(journal, tmp / "journal.jsonl")
     for file in tmp.rglob("*"):
         if file.is_file():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
     os.replace(tmp, round_dir(workdir, round_index))
+    journal.unlink(missing_ok=True)
     stale = round_dir(workdir, round_index - KEPT_STATES) / "state"
     if stale.exists():
         shutil.rmtree(stale)

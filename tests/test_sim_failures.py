@@ -13,7 +13,7 @@ import pytest
 from conftest import JsonServer, with_overrides
 from sajax import alignment_data
 from sajax.config_files import load_config
-from sim import dataset, engine, run, store
+from sim import dataset, engine, openai_backend, run, store
 from sim.openai_backend import BackendError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -194,3 +194,84 @@ def test_the_missing_share_that_stops_a_stage():
     with pytest.raises(engine.StageFailure, match=r"9 of 9 requests to scripted gave no usable output \(all of them"):
         engine.check_stage(1, "draft", tolerant, missing=9, total=9)
     engine.check_stage(1, "feedback", half, missing=0, total=0)  # an empty stage is no failure
+
+
+class ChangingServer(JsonServer):
+    """Answers differently on every call (the call's number is in the answer and in the embedding), as a sampling
+    server under concurrent load does; call number `refuse_at` is refused once with HTTP 401 (the run stops, as
+    if killed) without counting. The readout probes of each start (`check`) are counted apart."""
+
+    def __init__(self, refuse_at=None):
+        self.calls, self.probes, self.refuse_at = 0, 0, refuse_at
+        super().__init__(self.respond)
+
+    def respond(self, path, body, headers):
+        if body is None:
+            return 200, json.dumps({"data": [{"id": "fake", "object": "model"}]}).encode()
+        if self.calls == self.refuse_at:
+            self.refuse_at = None
+            return 401, b'{"error": "crash"}'
+        if body.get("messages") == [{"role": "user", "content": openai_backend.PROBE}]:
+            self.probes += 1
+            return 200, json.dumps({"choices": [{"message": {"content": '{"rating": 7, "reason": "ok"}'}}]}).encode()
+        n = self.calls = self.calls + 1
+        if path.endswith("/embeddings"):
+            return 200, json.dumps({"data": [{"index": i, "embedding": [len(t) % 5 + 1.0, 1.0, n / 100]}
+                                             for i, t in enumerate(body["input"])]}).encode()
+        prompt = body["messages"][0]["content"]
+        reply = f"Rating: {1 + n % 7} ### Reason: call {n}." if prompt.endswith("Rating:") else \
+            f"I would help and listen (call {n})."
+        return 200, json.dumps({"choices": [{"message": {"content": reply}}],
+                                "usage": {"prompt_tokens": 10, "completion_tokens": n}}).encode()
+
+
+def test_a_resumed_round_replays_its_journal_and_equals_the_uninterrupted_one(tmp_path):
+    def config(server):
+        return openai_config(server, **{"backend.concurrency": 1, "observer_backend.concurrency": 1,
+                                        "embedder.kind": "openai", "prior_per_agent": 1,
+                                        "prior_file": str(tmp_path / "prior.jsonl")})
+
+    (tmp_path / "prior.jsonl").write_text('{"question": "Is it kind?", "answer": "Yes.", "label": "good"}\n'
+                                          '{"question": "Is it cruel?", "answer": "Yes.", "label": "bad"}\n')
+    straight = ChangingServer()
+    metrics = run.simulate(config(straight), tmp_path / "straight")
+    straight.close()
+    sent_in_round_2 = metrics[1]["journal"]["sent"]
+    assert metrics[1]["journal"]["replayed"] == 0 and sent_in_round_2 > 40
+    before_round_2 = straight.calls - sent_in_round_2
+
+    crashing = ChangingServer(refuse_at=before_round_2 + 25)  # round 2, in its feedback stage
+    workdir = tmp_path / "crashed"
+    with pytest.raises(BackendError, match="HTTP 401"):
+        run.simulate(config(crashing), workdir)
+    assert store.committed_rounds(workdir) == [1]
+    assert len(store.open_journal(workdir, 2).entries) == 25  # every answer received before the crash
+    resumed = run.simulate(config(crashing), workdir, resume=True)
+    crashing.close()
+    assert crashing.calls == straight.calls  # no call of a round was sent twice
+    assert crashing.probes == 2 * straight.probes == 4  # each start probes how the backend and observers rate
+    assert resumed[1]["journal"] == {"replayed": 25, "sent": sent_in_round_2 - 25}
+    assert store.read_records(workdir) == store.read_records(tmp_path / "straight")
+    for name in ("000001/state/embeddings.npz", "000002/state/embeddings.npz", "000002/journal.jsonl"):
+        assert (workdir / "rounds" / name).read_bytes() == (tmp_path / "straight" / "rounds" / name).read_bytes()
+    assert not list((workdir / "rounds").glob(".journal-*"))
+
+
+def test_a_journal_torn_by_a_crash_keeps_its_whole_lines(tmp_path):
+    from sim.journal import Journal
+
+    path = tmp_path / "journal.jsonl"
+    journal = Journal(path)
+    for n in range(3):
+        journal.record("chat", {"seed": n}, {"text": f"answer {n}"})
+    journal.close()
+    path.write_bytes(path.read_bytes() + b'{"key": "abc", "respo')  # killed while writing the fourth
+    journal = Journal(path)
+    assert journal.replay("chat", {"seed": 1}) == {"text": "answer 1"} and journal.replay("chat", {"seed": 1}) is None
+    journal.record("chat", {"seed": 3}, {"text": "answer 3"})
+    journal.close()
+    assert [Journal(path).replay("chat", {"seed": n}) for n in range(4)] == [{"text": f"answer {n}"} for n in range(4)]
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join([lines[0], b"{not json", *lines[1:]]))
+    with pytest.raises(ValueError, match=rf"{path} line 2: damaged"):
+        Journal(path)

@@ -90,10 +90,14 @@ def test_survives_429_500_timeouts_and_malformed_bodies(server):
 
 
 def test_answers_and_ratings_have_their_own_token_limits(server):
-    backend = _backend(server.url, max_tokens=48, reason_tokens=20)
+    backend = _backend(server.url, max_tokens=48, reason_tokens=20, revision_tokens=96)
     backend.generate([Request(Prompt("Q?"), "Q?", stage="draft")], seed=0)
+    backend.generate([Request(Prompt("Revise"), "Q?", "A", stage="revise")], seed=0)
     backend.rate([Request(Prompt("…", "Rating:"), "Q?", "A", stage="feedback")], seed=0)
-    assert [body["max_tokens"] for _, body, _ in server.seen] == [48, 20 + OpenAIBackend.RATING_PREFIX_TOKENS]
+    assert [body["max_tokens"] for _, body, _ in server.seen] == [48, 96, 20 + OpenAIBackend.RATING_PREFIX_TOKENS]
+    backend.revision_tokens = 0  # the default: revisions get the drafts' limit
+    backend.generate([Request(Prompt("Revise"), "Q?", "A", stage="revise")], seed=0)
+    assert server.seen[-1][1]["max_tokens"] == 48
 
 
 @pytest.mark.parametrize("server", [[500] * 10], indirect=True)

@@ -5,7 +5,7 @@ import pytest
 
 from sim import world
 from sim.embedders import HashingEmbedder
-from sim.memory import Memory, VectorIndex
+from sim.memory import Memory, VectorIndex, normalize, share_within
 from sim.world import WorldConfig
 
 
@@ -90,3 +90,20 @@ def test_memory_recall_uses_the_distance_threshold():
         ("Should you return a lost wallet?", "Yes.")]
     assert memory.recall(embed(["What is the capital of France?"]), 1, 0.3) == []
     np.testing.assert_array_equal(embed(["same text"]), embed(["same text"]))
+
+
+def test_an_embedder_that_cannot_tell_questions_apart_is_warned_about(capsys):
+    from sim import engine
+
+    questions = ["Should taxes fund libraries?", "May a dog sleep on the sofa?", "Is resigning at chess rude?",
+                 "Would you lend an umbrella?", "Must old debts be repaid?"]
+    apart = HashingEmbedder(64).embed(questions)
+    crowded = normalize(np.ones((5, 64), np.float32) + 0.01 * np.eye(5, 64, dtype=np.float32))  # mean-pooled chat LM
+    assert share_within(apart, 0.3) == 0.0 and share_within(crowded, 0.3) == 1.0
+    for vectors, warned in ((apart, False), (crowded, True)):
+        society = engine.Society(WorldConfig(grid_size=2), engine.MemoryConfig(threshold=0.3), [],
+                                 np.random.default_rng(0), None, 0, embedder_name="openai")
+        assert society.check_similarities(questions + questions[:1], np.concatenate([vectors, vectors[:1]])) in (0, 1)
+        assert society.check_similarities(questions, vectors) is None  # once per run
+        err = capsys.readouterr().err
+        assert ("puts 100% of the pairs of 5 different questions within memory.threshold 0.3" in err) == warned
