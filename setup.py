@@ -16,6 +16,7 @@ RUNTIME = [
     "matplotlib==3.11.2",  # the simulator's metrics plot
     "gguf==0.19.0",  # llama.cpp GGUF files: metadata and dequantization in numpy
     "openai==3.54.0",  # OpenAI-compatible servers (served judges)
+    "fastapi==0.165.0", "uvicorn==0.54.0",  # sajax-serve: the OpenAI-compatible HTTP server
 ]
 TEST = ["pytest==9.2.0", "torch==2.13.0",  # torch: the PyTorch LLaMA reference in tests only
         "accelerate==1.15.0",  # transformers' own GGUF loading (the reference for sajax's) needs it
@@ -36,6 +37,7 @@ setup(
         "sajax-export=sajax.cli:export_main",
         "sajax-generate=sajax.cli:generate_main",
         "sajax-eval=sajax.cli:eval_main",
+        "sajax-serve=sajax.cli:serve_main",
         "sajax-sim=sim.cli:sim_main",
         "sajax-sim-dataset=sim.cli:dataset_main",
         "sajax-calibrate=sim.cli:calibrate_main",

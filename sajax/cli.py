@@ -4,6 +4,7 @@
   sajax-export --workdir DIR --out HF_DIR                            latest checkpoint → HF directory
   sajax-generate [--config FILE] [--model HF_DIR|FILE.gguf|NAME] [--chat] [--prompt TEXT ...] [--config.key=value ...]
   sajax-eval --model WORKDIR|HF_DIR|FILE.gguf|NAME --eval NAME [--eval ...] [--data FILE] [--judge MODEL] [--out DIR]
+  sajax-serve --model WORKDIR|HF_DIR|FILE.gguf|NAME [--host 127.0.0.1] [--port 8000]   OpenAI-compatible server
 
 Without `--model`, generates with a randomly initialised model of the config's size and the offline demo
 tokenizer: a smoke test of the whole stack on CPU. With `--model`, loads a HF LLaMA directory (safetensors and
@@ -235,3 +236,34 @@ def _eval_main(argv) -> None:
     for name, key, value, (low, high), n in rows:
         sys.stderr.write(f"{name:20s} {key:21s} {number(value):>6s} {f'[{number(low)}, {number(high)}]':>15s} "
                          f"{n:5d}\n")
+
+
+def _define_serve_flags() -> None:
+    flags.DEFINE_string("model", None, "What to serve: a sajax-train workdir (its newest checkpoint), a HF LLaMA "
+                                       "directory, a .gguf file or a known model name.", required=True)
+    flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
+    flags.DEFINE_integer("port", 8000, "Port to listen on.")
+    flags.DEFINE_string("served_model_name", "", "The model's name in the API (default: --model as given).")
+    flags.DEFINE_integer("max_batch", 16, "Most requests (rows) run in one jitted call.")
+    flags.DEFINE_float("max_wait_ms", 5.0, "How long the first queued request waits for others to share its batch.")
+    flags.DEFINE_integer("max_queue", 256, "Requests waiting beyond this are refused with 429 (clients retry).")
+
+
+def serve_main() -> None:
+    run_app(_serve_main, _define_serve_flags)
+
+
+def _serve_main(argv) -> None:
+    del argv
+    from sajax import serve
+
+    logging.set_verbosity(logging.WARNING)
+    if _FLAGS.max_batch < 1 or _FLAGS.max_queue < 1 or _FLAGS.max_wait_ms < 0:
+        sys.stderr.write("error: --max_batch and --max_queue must be >= 1 and --max_wait_ms >= 0\n")
+        sys.exit(1)
+    try:
+        serve.serve(_FLAGS.model, _FLAGS.host, _FLAGS.port, name=_FLAGS.served_model_name,
+                    max_batch=_FLAGS.max_batch, max_wait_ms=_FLAGS.max_wait_ms, max_queue=_FLAGS.max_queue)
+    except (ValueError, OSError, checkpoint.CheckpointError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)

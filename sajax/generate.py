@@ -29,6 +29,11 @@ from sajax.model import Llama, init_cache, output_weights, positions_from_mask
 class Generation:
     tokens: np.ndarray  # [B, N] int32: new tokens, `pad_token_id` after a row's end
     lengths: np.ndarray  # [B] int32: new tokens per row, its end-of-sequence token included
+    # with `top_logprobs` asked (decode): log p of each new token under the model (log_softmax of its logits,
+    # before temperature and truncation) [B, N], and the most likely tokens there [B, N, k] with theirs
+    logprobs: np.ndarray | None = None
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -117,36 +122,49 @@ def _smallest_where(values: jax.Array, predicate) -> jax.Array:
     return _from_order_key(jax.lax.fori_loop(0, 32, halve, (lo, hi))[1])
 
 
+def _per_row(value) -> jax.Array:
+    """A sampling setting, one for all rows (scalar) or one per row ([B]), as a column: [1,1] or [B,1]."""
+    return jnp.reshape(jnp.asarray(value), (-1, 1))
+
+
 def truncate_logits(scaled: jax.Array, top_k, top_p) -> jax.Array:
     """scaled [B,V] with every token outside the top-k, then outside the top-p nucleus, set to -inf — the order
     transformers applies them in. Top-k (top_k <= 0: no limit) keeps the tokens ≥ the k-th largest value u_k,
     the smallest x with #{v > x} < k. Top-p (top_p >= 1: no limit) renormalises what is left, p = softmax, and
     keeps the tokens whose more likely tokens hold less than top_p: p_i ≥ the smallest x with Σ_{p_j > x} p_j <
-    top_p. Ties are kept or dropped together, as a sort with cumulative sums would."""
+    top_p. Ties are kept or dropped together, as a sort with cumulative sums would. top_k and top_p are scalars
+    or one per row ([B])."""
     rows = (scaled.shape[0], 1)
-    kth = jax.lax.cond(top_k > 0,
+    top_k, top_p = _per_row(top_k), _per_row(top_p)
+    kth = jax.lax.cond(jnp.any(top_k > 0),
                        lambda: _smallest_where(scaled, lambda x: jnp.sum(scaled > x, -1, keepdims=True) < top_k),
                        lambda: jnp.full(rows, -jnp.inf, jnp.float32))
-    scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+    scaled = jnp.where((top_k <= 0) | (scaled >= kth), scaled, -jnp.inf)
     probs = jax.nn.softmax(scaled, axis=-1)
-    pth = jax.lax.cond(top_p < 1, lambda: _smallest_where(
+    pth = jax.lax.cond(jnp.any(top_p < 1), lambda: _smallest_where(
         probs, lambda x: jnp.sum(jnp.where(probs > x, probs, 0.0), -1, keepdims=True) < top_p),
         lambda: jnp.full(rows, -jnp.inf, jnp.float32))
-    return jnp.where(probs >= pth, scaled, -jnp.inf)
+    return jnp.where((top_p >= 1) | (probs >= pth), scaled, -jnp.inf)
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """Next tokens [B] from logits [B,V]: temperature == 0 gives the argmax; otherwise a draw from
     p = softmax(logits / temperature) restricted by `truncate_logits` (top-k, then top-p), by inverting its
     cumulative sum: token = #{i : Σ_{j≤i} p_j ≤ u}, u ~ U[0, Σ p) — one uniform per row instead of Gumbel noise
-    for every vocabulary entry (2-8× faster on CPU). Tokens with p = 0 are never drawn."""
+    for every vocabulary entry (2-8× faster on CPU). Tokens with p = 0 are never drawn. The settings are scalars
+    or one per row ([B]); `rng` is one key, or one per row ([B] keys: a row's draw depends on its key alone, not
+    on the rows batched with it)."""
     logits = logits.astype(jnp.float32)
+    temperature = _per_row(temperature)
     probs = jax.nn.softmax(truncate_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p), axis=-1)
     cdf = jnp.cumsum(probs, axis=-1)  # [B,V]
-    u = jax.random.uniform(rng, (logits.shape[0], 1)) * cdf[:, -1:]
+    if rng.ndim:
+        u = jax.vmap(lambda key: jax.random.uniform(key, (1,)))(rng) * cdf[:, -1:]
+    else:
+        u = jax.random.uniform(rng, (logits.shape[0], 1)) * cdf[:, -1:]
     last_kept = logits.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)  # guards u rounding up to Σ p
     sampled = jnp.minimum(jnp.sum(cdf <= u, axis=-1), last_kept)
-    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    return jnp.where(temperature[:, 0] > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 @dataclasses.dataclass
@@ -189,37 +207,53 @@ def _extend(config: LlamaConfig, slot: int, params, cache, key_mask, position, l
     return cache, key_mask, position + appended, jnp.where(appended[:, None] > 0, new_logits, logits)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _decode(config: LlamaConfig, slot: int, max_new_tokens: int, params, cache, key_mask, position, logits, rng,
-            temperature, top_k, top_p, eos_ids, pad_id):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _decode(config: LlamaConfig, slot: int, max_new_tokens: int, num_logprobs: int, params, cache, key_mask,
+            position, logits, rng, temperature, top_k, top_p, eos_ids, pad_id):
+    """num_logprobs < 0: tokens only; ≥ 0: also each token's log p and the top `num_logprobs` alternatives."""
     model = Llama(config)
     batch = logits.shape[0]
+    step_key = jax.vmap(jax.random.fold_in, (0, None)) if rng.ndim else jax.random.fold_in
 
     def pick(step, logits, done):
-        token = sample_logits(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+        token = sample_logits(logits, step_key(rng, step), temperature, top_k, top_p)
         token = jnp.where(done, pad_id, token)
-        return token, done | jnp.isin(token, eos_ids)
+        if num_logprobs < 0:
+            return token, done | jnp.isin(token, eos_ids), ()
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B,V]
+        top_logp, top_ids = jax.lax.top_k(logp, max(num_logprobs, 1))  # [B,k]
+        chosen = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+        return token, done | jnp.isin(token, eos_ids), (chosen, top_ids, top_logp)
+
+    def write(extras, step, new):
+        return tuple(e.at[:, step].set(n) for e, n in zip(extras, new))
 
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    token, done = pick(0, logits, jnp.zeros((batch,), bool))
-    state = (1, tokens.at[:, 0].set(token), token, done, position, key_mask, cache)
+    extras = () if num_logprobs < 0 else (
+        jnp.zeros((batch, max_new_tokens), jnp.float32), jnp.zeros((batch, max_new_tokens, max(num_logprobs, 1)),
+                                                                   jnp.int32),
+        jnp.zeros((batch, max_new_tokens, max(num_logprobs, 1)), jnp.float32))
+    token, done, new = pick(0, logits, jnp.zeros((batch,), bool))
+    state = (1, tokens.at[:, 0].set(token), token, done, position, key_mask, cache, write(extras, 0, new))
 
     def cond(state):
         step, _, _, done, *_ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, tokens, token, done, position, key_mask, cache = state
+        step, tokens, token, done, position, key_mask, cache, extras = state
         at = slot + step - 1  # where the previous token's key/value goes
         key_mask = key_mask.at[:, at].set(1)
         logits, cache = model.apply({"params": params}, token[:, None], position[:, None], key_mask, cache, at)
-        token, done = pick(step, logits[:, 0], done)
-        return step + 1, tokens.at[:, step].set(token), token, done, position + 1, key_mask, cache
+        token, done, new = pick(step, logits[:, 0], done)
+        return (step + 1, tokens.at[:, step].set(token), token, done, position + 1, key_mask, cache,
+                write(extras, step, new))
 
-    tokens = jax.lax.while_loop(cond, body, state)[1]
+    final = jax.lax.while_loop(cond, body, state)
+    tokens = final[1]
     ended = jnp.isin(tokens, eos_ids)
     first_end = jnp.where(ended.any(axis=1), jnp.argmax(ended, axis=1) + 1, max_new_tokens)
-    return tokens, first_end.astype(jnp.int32)
+    return tokens, first_end.astype(jnp.int32), final[-1]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -314,24 +348,33 @@ def extend(config: LlamaConfig, params, state: Prefilled, tokens: Sequence[Seque
     return Prefilled(cache, key_mask, position, logits, state.slot + ids.shape[1])
 
 
-def decode(config: LlamaConfig, params, state: Prefilled, *, max_new_tokens: int, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
-           pad_token_id: int | None = None) -> Generation:
+def decode(config: LlamaConfig, params, state: Prefilled, *, max_new_tokens: int,
+           temperature: float | Sequence[float] = 0.0, top_k: int = 0, top_p: float | Sequence[float] = 1.0,
+           seed: int | Sequence[int] = 0, eos_token_id: int | Sequence[int] | None = None,
+           pad_token_id: int | None = None, top_logprobs: int | None = None) -> Generation:
     """Samples up to `max_new_tokens` per row after `state` (consumed), one token per step in a jitted
-    `lax.while_loop` that ends when every row has produced an end-of-sequence token."""
+    `lax.while_loop` that ends when every row has produced an end-of-sequence token. temperature, top_p and seed
+    may be given per row (a served batch of requests with their own settings; a row's draws then depend on its
+    own seed only). `top_logprobs` (0…20): also return each token's log-probability and the top alternatives."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
+    if np.any(np.asarray(temperature) < 0) or not np.all((0 < np.asarray(top_p)) & (np.asarray(top_p) <= 1)):
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     if max_new_tokens - 1 > state.free:
         raise ValueError(f"{max_new_tokens} new tokens do not fit in the {state.free} free cache slots")
     eos = config.eos_token_ids if eos_token_id is None else (
         (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
-    tokens, lengths = _decode(config, state.slot, max_new_tokens, params, state.cache, state.key_mask,
-                              state.position, state.logits, jax.random.key(seed), np.float32(temperature),
-                              np.int32(top_k), np.float32(top_p), np.asarray(eos or (-1,), np.int32), np.int32(pad))
-    return Generation(np.asarray(tokens), np.asarray(lengths))
+    rng = jax.random.key(seed) if np.ndim(seed) == 0 else jax.vmap(jax.random.key)(np.asarray(seed, np.uint32))
+    tokens, lengths, extras = _decode(config, state.slot, max_new_tokens, -1 if top_logprobs is None else top_logprobs,
+                                      params, state.cache, state.key_mask, state.position, state.logits, rng,
+                                      np.asarray(temperature, np.float32), np.int32(top_k),
+                                      np.asarray(top_p, np.float32), np.asarray(eos or (-1,), np.int32),
+                                      np.int32(pad))
+    logprobs, top_ids, top_logp = (np.asarray(e) for e in extras) if extras else (None, None, None)
+    if top_ids is not None and top_logprobs == 0:
+        top_ids, top_logp = top_ids[..., :0], top_logp[..., :0]
+    return Generation(np.asarray(tokens), np.asarray(lengths), logprobs, top_ids, top_logp)
 
 
 def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -375,6 +418,25 @@ def score_continuations(config: LlamaConfig, params, prompts: Sequence[Sequence[
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
         continuation_mask[i, len(prompt):len(prompt) + len(continuation)] = 1
     return np.asarray(_continuation_logprobs(config, params, ids, mask, continuation_mask))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_hidden(config: LlamaConfig, params, ids, mask):
+    from sajax import model
+
+    hidden = model.hidden_states(config, params, ids, mask).astype(jnp.float32)  # [B,T,D]
+    weights = mask[..., None].astype(jnp.float32)
+    return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
+def mean_hidden_states(config: LlamaConfig, params, sequences: Sequence[Sequence[int]],
+                       length_bucket: int = 32) -> np.ndarray:
+    """Σ_t h_t / T over each token list's final (normed) hidden states: float32 [N, D], one pass over right-padded
+    rows (sentence embeddings of a decoder LM)."""
+    _check_nonempty(sequences)
+    _check_tokens(config, sequences, "input")
+    ids, mask = right_pad(sequences, length_bucket)
+    return np.asarray(_mean_hidden(config, params, ids, mask))
 
 
 def generate_text(config: LlamaConfig, params, tokenizer, prompts: Sequence[str], chat: bool = False,

@@ -3,12 +3,9 @@ model's mean-pooled hidden states, or any OpenAI-compatible `/v1/embeddings` end
 
 from __future__ import annotations
 
-import functools
 import re
 import zlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sim.memory import normalize
@@ -46,20 +43,10 @@ class LocalModelEmbedder:
         self.max_len, self.length_bucket = max_len, length_bucket
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        from sajax.generate import right_pad
+        from sajax.generate import mean_hidden_states
 
         encoded = [self.tokenizer.encode(t, add_special_tokens=True)[: self.max_len] or [0] for t in texts]
-        ids, mask = right_pad(encoded, self.length_bucket)
-        return normalize(np.asarray(_mean_hidden(self.config, self.params, ids, mask)))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _mean_hidden(config, params, ids, mask):
-    from sajax import model
-
-    hidden = model.hidden_states(config, params, ids, mask).astype(jnp.float32)  # [B,T,D]
-    weights = mask[..., None].astype(jnp.float32)
-    return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        return normalize(mean_hidden_states(self.config, self.params, encoded, self.length_bucket))
 
 
 class OpenAIEmbedder:
