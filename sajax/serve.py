@@ -146,10 +146,12 @@ class Engine:
 
     def generate(self, jobs: list[Job]) -> list[Completion]:
         """One batched prefill + decode for `jobs` (each already checked to fit the context)."""
-        self.batches.append(len(jobs))
         rows = jobs + [jobs[0]] * (_power_of_two(len(jobs)) - len(jobs))  # padded with copies, dropped below
         longest = max(len(j.prompt) for j in rows)
         budget = min(_power_of_two(max(j.max_tokens for j in rows), MIN_TOKEN_BUDGET), self.context_length - longest)
+        if budget < max(j.max_tokens for j in rows) and len(jobs) > 1:  # a long prompt leaves another row short
+            return [self.generate([job])[0] for job in jobs]  # each fits alone (checked before it was queued)
+        self.batches.append(len(jobs))
         asked = [j.top_logprobs for j in rows if j.top_logprobs is not None]
         state = generate.prefill(self.config, self.params, [j.prompt for j in rows], reserve=budget)
         out = generate.decode(self.config, self.params, state, max_new_tokens=budget,
