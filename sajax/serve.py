@@ -242,10 +242,13 @@ class Server:
     def __init__(self, engine: Engine, default_max_tokens: int = 256):
         self.engine, self.default_max_tokens = engine, default_max_tokens
 
-    def _check_common(self, request: Sampling) -> None:
-        if request.model != self.engine.name:
-            raise RequestError(f"model {request.model!r} is not served here; this server serves {self.engine.name!r}",
+    def _check_model(self, model: str) -> None:
+        if model != self.engine.name:
+            raise RequestError(f"model {model!r} is not served here; this server serves {self.engine.name!r}",
                                status=404, param="model")
+
+    def _check_common(self, request: Sampling) -> None:
+        self._check_model(request.model)
         if request.stream:
             raise RequestError("stream: streaming is not supported by sajax-serve", param="stream")
         if request.response_format and request.response_format.get("type") != "text":
@@ -332,9 +335,7 @@ class Server:
         return self._answer("text_completion", choices, sum(map(len, encoded)) * request.n, completions)
 
     async def embed(self, request: EmbeddingRequest) -> dict:
-        if request.model != self.engine.name:
-            raise RequestError(f"model {request.model!r} is not served here; this server serves {self.engine.name!r}",
-                               status=404, param="model")
+        self._check_model(request.model)
         inputs = request.input
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
             inputs = [inputs]

@@ -65,9 +65,6 @@ class OpenAIEmbedder:
 
         async def one(sdk, chunk):
             body = {"model": self.model, "input": chunk, "encoding_format": "float"}
-            saved = self.journal.replay("embeddings", body) if self.journal is not None else None
-            if saved is not None:
-                return vectors_of(saved)
 
             async def send():
                 answer = (await sdk.embeddings.create(**body)).model_dump(mode="json", exclude_unset=True)
@@ -75,10 +72,8 @@ class OpenAIEmbedder:
                     raise MalformedAnswer(f"an answer without embeddings ({str(answer)[:120]})")
                 return answer
 
-            answer = await self.client.request(send, "/embeddings")
-            if self.journal is not None:
-                self.journal.record("embeddings", body, answer, "embed")
-            return vectors_of(answer)
+            return vectors_of(await self.client.journalled(self.journal, "embeddings", body, send, "/embeddings",
+                                                           "embed"))
 
         chunks = [texts[start:start + self.batch_size] for start in range(0, len(texts), self.batch_size)]
         rows = []

@@ -113,6 +113,18 @@ class OpenAIClient:
                 last = str(e)
         raise TransientFailure(f"{self.base_url}{path}: gave up after {retries + 1} attempts ({last})")
 
+    async def journalled(self, journal, kind: str, body: dict, send: Callable[[], Awaitable[dict]], path: str,
+                         stage: str = "") -> dict:
+        """The answer (a JSON dict) to the request `body`: from `journal` (a sim.journal.Journal, or None) when it
+        holds one, otherwise `await send()` with our retries (`request`) and journalled as it arrives."""
+        saved = journal.replay(kind, body) if journal is not None else None
+        if saved is not None:
+            return saved
+        answer = await self.request(send, path)
+        if journal is not None:
+            journal.record(kind, body, answer, stage)
+        return answer
+
     def run_all(self, make: Callable[[openai.AsyncOpenAI, object], Awaitable[T]], items: Sequence,
                 concurrency: int) -> list[T | TransientFailure]:
         """`make(sdk, item)` for every item, at most `concurrency` in flight; a TransientFailure in place of the
@@ -226,24 +238,16 @@ class OpenAIBackend(Backend):
         return None
 
     async def _chat(self, sdk: openai.AsyncOpenAI, stage: str, **body) -> ChatCompletion:
-        """One chat completion with our retries; from the round's journal when it holds this request's answer,
-        otherwise sent and its answer journalled."""
-        if self.journal is not None:
-            saved = self.journal.replay("chat", body)
-            if saved is not None:
-                return ChatCompletion.construct(**saved)
-
+        """One chat completion with our retries, from the round's journal when it holds this request's answer."""
         async def send():
             answer = await sdk.chat.completions.create(**body)
             message = answer.choices[0].message if answer.choices else None
             if message is None or not isinstance(message.content, str):
                 raise MalformedAnswer(f"an answer without a message ({str(answer)[:120]})")
-            return answer
+            return answer.model_dump(mode="json", exclude_unset=True)
 
-        answer = await self.client.request(send, "/chat/completions")
-        if self.journal is not None:
-            self.journal.record("chat", body, answer.model_dump(mode="json", exclude_unset=True), stage)
-        return answer
+        return ChatCompletion.construct(**await self.client.journalled(self.journal, "chat", body, send,
+                                                                       "/chat/completions", stage))
 
     async def _complete(self, sdk: openai.AsyncOpenAI, prompt: str, seed: int, max_tokens: int, options: dict,
                         stage: str) -> tuple[str | Rating, int, int]:
