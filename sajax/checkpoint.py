@@ -17,6 +17,8 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
+from sajax import distributed
+
 
 class CheckpointError(RuntimeError):
     """No checkpoint of the run can be read back."""
@@ -93,13 +95,16 @@ class Checkpointer:
         return None
 
     def _move_aside(self, step: int) -> None:
-        target = self.workdir / "broken_checkpoints" / str(step)
-        suffix = 1
-        while target.exists():
-            target = target.with_name(f"{step}.{suffix}")
-            suffix += 1
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.directory / str(step)), str(target))
+        """(Process 0 moves it; every process then sees the directory without it.)"""
+        if distributed.is_main():
+            target = self.workdir / "broken_checkpoints" / str(step)
+            suffix = 1
+            while target.exists():
+                target = target.with_name(f"{step}.{suffix}")
+                suffix += 1
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        distributed.barrier(f"sajax: checkpoint {step} moved aside")
         self.manager.reload()
 
 

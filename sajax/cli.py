@@ -5,6 +5,7 @@
   sajax-generate [--config FILE] [--model HF_DIR|FILE.gguf|NAME] [--chat] [--prompt TEXT ...] [--config.key=value ...]
   sajax-eval --model WORKDIR|HF_DIR|FILE.gguf|NAME --eval NAME [--eval ...] [--data FILE] [--judge MODEL] [--out DIR]
   sajax-serve --model WORKDIR|HF_DIR|FILE.gguf|NAME [--host 127.0.0.1] [--port 8000]   OpenAI-compatible server
+  sajax-compile --config FILE --topology v5p:4x4x4 [--config.key=value ...]   compile for a TPU slice, on a CPU
 
 Without `--model`, generates with a randomly initialised model of the config's size and the offline demo
 tokenizer: a smoke test of the whole stack on CPU. With `--model`, loads a HF LLaMA directory (safetensors and
@@ -13,6 +14,7 @@ tokenizer files) and generates with it, sharded over the config's mesh.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -20,14 +22,47 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sajax import checkpoint, generate, loading, sharding
+from sajax import checkpoint, distributed, generate, loading, sharding
 from sajax.config_files import DEFAULT_CONFIG
 
-def initialize_distributed() -> None:
-    """Multi-host runs (TPU pods, GPU clusters) set SAJAX_DISTRIBUTED=1 (see launch/); JAX then finds the
-    coordinator from the cluster environment (TPU metadata, SLURM, Open MPI)."""
-    if os.environ.get("SAJAX_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
+
+def join_job(command: str, job: dict | None = None) -> None:
+    """With SAJAX_DISTRIBUTED=1 (`sajax.distributed`): joins the multi-process job and, given the command's `job`
+    (its resolved config and arguments), checks that every process runs the same code and job. A one-line error
+    and exit status 1 when it cannot."""
+    try:
+        distributed.initialize()
+        if job is not None:
+            distributed.check_same_job({command: job})
+    except (ValueError, RuntimeError) as e:  # HostMismatch, and jax's errors when the coordinator is unreachable
+        sys.stderr.write(f"error: {command}: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+        sys.exit(1)
+
+
+@contextlib.contextmanager
+def peer_failures(command: str):
+    """In a multi-process job, a collective that fails (another process died or was killed) ends this process at
+    once with a one-line error and status 1 — rather than a traceback and jax's shutdown barrier, which waits
+    for the dead process's heartbeat to time out."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        detail = str(e).splitlines()[0].split("Error dispatching computation: ")[-1]
+        sys.stderr.write(f"error: {command}: process {jax.process_index()}: a collective with the other processes "
+                         f"failed (did one stop?): {detail}\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def single_process(command: str) -> None:
+    """Commands that run as one process (their model uses every device of the host) refuse SAJAX_DISTRIBUTED=1
+    with a one-line error rather than running N copies of the same work."""
+    if os.environ.get(distributed.ENABLE) == "1":
+        sys.stderr.write(f"error: {command} runs as one process on one host (its model uses all of that host's "
+                         f"devices); unset {distributed.ENABLE}\n")
+        sys.exit(1)
 
 
 _FLAGS = flags.FLAGS
@@ -44,8 +79,9 @@ def _generate_main(argv) -> None:
 
 def _generate() -> None:
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the output
-    initialize_distributed()
     cfg = _FLAGS.config
+    join_job("sajax-generate", {"config": cfg.to_dict(), "model": _FLAGS.model, "prompt": _FLAGS.prompt,
+                                "chat": _FLAGS.chat})
     config, params, tok = loading.load_model_and_tokenizer(cfg, _FLAGS.model)
     mesh = sharding.make_mesh(**cfg.mesh)
     params = jax.device_put(params, sharding.param_shardings(config, mesh))
@@ -80,10 +116,11 @@ def _train_main(argv) -> None:
     from sajax import train
 
     logging.set_verbosity(logging.WARNING)
-    initialize_distributed()
+    join_job("sajax-train")  # train.run checks that every process runs the same config and workdir
     try:
-        final = train.run(_FLAGS.config, _FLAGS.workdir)
-    except (ValueError, OSError, train.TrainingError, checkpoint.CheckpointError) as e:
+        with peer_failures("sajax-train"):
+            final = train.run(_FLAGS.config, _FLAGS.workdir)
+    except (ValueError, OSError, train.TrainingError, checkpoint.CheckpointError, distributed.HostMismatch) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     if jax.process_index() == 0 and final:
@@ -105,12 +142,15 @@ def _export_main(argv) -> None:
     from sajax import export
 
     logging.set_verbosity(logging.WARNING)
+    join_job("sajax-export")  # export.export checks that every process exports the same
     try:
-        path, step = export.export(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.step)
-    except (ValueError, OSError, checkpoint.CheckpointError) as e:
+        with peer_failures("sajax-export"):
+            path, step = export.export(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.step)
+    except (ValueError, OSError, checkpoint.CheckpointError, distributed.HostMismatch) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
-    print(f"exported step {step} of {_FLAGS.workdir} to {path}")
+    if distributed.is_main():
+        print(f"exported step {step} of {_FLAGS.workdir} to {path}")
 
 
 def _define_generate_flags() -> None:
@@ -191,6 +231,7 @@ def _eval_main(argv) -> None:
     from sajax.evals import adversarial, judge, lm, multiple_choice, served, sycophancy
 
     logging.set_verbosity(logging.WARNING)
+    single_process("sajax-eval")
     try:
         unknown = [e for e in _FLAGS.eval if e not in EVALS]
         if unknown:
@@ -258,6 +299,7 @@ def _serve_main(argv) -> None:
     from sajax import serve
 
     logging.set_verbosity(logging.WARNING)
+    single_process("sajax-serve")
     if _FLAGS.max_batch < 1 or _FLAGS.max_queue < 1 or _FLAGS.max_wait_ms < 0:
         sys.stderr.write("error: --max_batch and --max_queue must be >= 1 and --max_wait_ms >= 0\n")
         sys.exit(1)
@@ -265,5 +307,51 @@ def _serve_main(argv) -> None:
         serve.serve(_FLAGS.model, _FLAGS.host, _FLAGS.port, name=_FLAGS.served_model_name,
                     max_batch=_FLAGS.max_batch, max_wait_ms=_FLAGS.max_wait_ms, max_queue=_FLAGS.max_queue)
     except (ValueError, OSError, checkpoint.CheckpointError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+
+
+def _define_compile_flags() -> None:
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "ml_collections config file (get_config()).")
+    flags.DEFINE_string("topology", None, "The target: a Cloud TPU slice as GENERATION:AxB[xC] (v4, v5e, v5p, v6e), "
+                                          "e.g. v5e:2x2, v5p:4x4x4.", required=True)
+    flags.DEFINE_bool("generation", True, "Also compile the generation programs (prefill and decode).")
+    flags.DEFINE_integer("generation_batch", 0, "Prompts per generation call (0: one per data × fsdp shard).")
+    flags.DEFINE_integer("prompt_len", 0, "Prompt tokens for generation (0: data.max_prompt_len).")
+    flags.DEFINE_integer("new_tokens", 0, "Tokens to generate (0: generate.max_new_tokens).")
+    flags.DEFINE_bool("costs", True, "Predict step time and MFU (a second compile of the step without loops).")
+    flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
+
+
+def compile_main() -> None:
+    run_app(_compile_main, _define_compile_flags)
+
+
+def _compile_main(argv) -> None:
+    del argv
+    import json
+    from pathlib import Path
+
+    from sajax import aot, fileutil
+
+    logging.set_verbosity(logging.WARNING)
+    single_process("sajax-compile")
+    cfg = _FLAGS.config
+    try:
+        chip, devices = aot.topology_devices(_FLAGS.topology)
+        results = [aot.compile_train_step(cfg, chip, devices, costs=_FLAGS.costs)]
+        if _FLAGS.generation:
+            mesh = results[0]["mesh"]
+            results += aot.compile_generation(
+                cfg, chip, devices, batch=_FLAGS.generation_batch or mesh["data"] * mesh["fsdp"],
+                prompt_len=_FLAGS.prompt_len or cfg.data.max_prompt_len,
+                new_tokens=_FLAGS.new_tokens or cfg.generate.max_new_tokens)
+        print(aot.format_report(_FLAGS.topology, chip, devices, results), flush=True)
+        if _FLAGS.json:
+            report = {"topology": _FLAGS.topology, "chips": len(devices), "chip": chip.device_kind,
+                      "results": aot.to_json(results)}
+            fileutil.write_text(Path(_FLAGS.json), json.dumps(report, indent=1) + "\n")
+        aot.check_fits(results)
+    except (ValueError, OSError, aot.DoesNotFit) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ml_collections
 
-from sajax import checkpoint, fileutil, hf, sharding, tokenizer
+from sajax import checkpoint, distributed, fileutil, hf, sharding, tokenizer
 from sajax import train as train_lib
 from sajax import train_step as ts
 
@@ -22,9 +22,17 @@ def is_workdir(path: str | Path) -> bool:
 
 def export(workdir: str, out: str, step: int | None = None) -> tuple[Path, int]:
     """Writes the params of checkpoint `step` (default: the newest readable one) of the run in `workdir` to
-    `out`. Errors name what is missing or unreadable; nothing is written then."""
+    `out`. Errors name what is missing or unreadable; nothing is written then. In a multi-process job every
+    process restores its shards, they are gathered, and process 0 writes the folder."""
+    distributed.check_same_job({"sajax-export": str(Path(workdir).absolute()), "out": str(Path(out).absolute()),
+                                "step": step})
     config, params, tok, step = restore(workdir, step)
-    return hf.save_pretrained(config, params, out, tokenizer=tok), step
+    params = distributed.gather(params)
+    path = Path(out).resolve()
+    if distributed.is_main():
+        path = hf.save_pretrained(config, params, out, tokenizer=tok)
+    distributed.barrier("sajax: exported")
+    return path, step
 
 
 def _run_config(workdir: Path):
@@ -40,7 +48,7 @@ def _run_tokenizer(workdir: Path, cfg):
 
 
 def _host_mesh():
-    return sharding.make_mesh(data=1, fsdp=-1, tensor=1)  # spread over this host's devices, no replication
+    return sharding.make_mesh(data=1, fsdp=-1, tensor=1)  # spread over every device of the job, no replication
 
 
 def initial(workdir: str | Path):

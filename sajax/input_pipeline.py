@@ -8,7 +8,9 @@ chat model is evaluated and served in): the prompt keeps its *end* (at least `ma
 response is long), the response keeps its *start*. `loss_mask` marks the response tokens (the prompt is never
 trained on).
 
-A batch holds, per process, B groups in the layout of `sajax.batch` (reference_logp: zeros unless DPO).
+A global batch holds B groups in the layout of `sajax.batch` (reference_logp: zeros unless DPO); each of P
+processes reads, encodes and yields only the B/P rows its devices hold, and the global batches are the same for
+any P.
 Order and sampling depend only on the seed and the position in the stream, and the grain iterator's state
 (a small dict) is saved with each checkpoint, so a resumed run sees exactly the batches it would have seen.
 """
@@ -16,7 +18,6 @@ Order and sampling depend only on the seed and the position in the stream, and t
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Iterator, Sequence
 
 import grain
@@ -127,41 +128,66 @@ class ReferenceLogps:
 def train_dataset(source: GroupSource, encoder: GroupEncoder, *, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, reference: ReferenceLogps | None = None,
                   read_threads: int = 4) -> grain.IterDataset:
-    """Endless stream of per-process batches of `batch_size` groups: each process reads every
-    `process_count`-th record, reshuffled each epoch, with fresh response samples each epoch."""
+    """Endless stream of this process's share of each global batch of `batch_size` groups.
+
+    The global stream is the same for any number of processes: every record, reshuffled each epoch, with fresh
+    response samples each epoch (seeded by the position in the stream), cut into global batches; process p of P
+    encodes and yields rows [p·b, (p+1)·b) of each, b = batch_size / P — the rows its devices hold in the
+    global array (`to_global`). So a run on P processes sees exactly the batches of a run on one."""
+    if batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
 
     def encode(item, rng):
         index, group = item
         chosen = sample_responses(len(group["responses"]), encoder.num_comp, rng)
         return encoder.encode(group, chosen, None if reference is None else reference[index])
 
+    local = batch_size // process_count
     dataset = (grain.MapDataset.source(source)
                .map_with_index(lambda index, group: (index % len(source), group))  # later epochs index past the end
-               .slice(slice(process_index, None, process_count))
                .shuffle(seed=seed)
                .repeat(None)
                .random_map(encode, seed=seed + 1)
-               .batch(batch_size, drop_remainder=True, batch_fn=stack))
-    return dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size))
+               .batch(local, drop_remainder=True, batch_fn=stack)  # lazy: only this process's rows are encoded
+               .slice(slice(process_index, None, process_count)))
+    return dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * local))
 
 
 def eval_batches(source: GroupSource, encoder: GroupEncoder, *, batch_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1,
                  reference: ReferenceLogps | None = None) -> Iterator[dict]:
-    """One pass over the split in order, the same response sample every time (seeded by the record index); the
-    last batch is padded with invalid groups, and every process yields the same number of batches."""
-    per_process = math.ceil(len(source) / process_count)
-    batches = math.ceil(per_process / batch_size)
-    mine = list(range(process_index, len(source), process_count))
-    for b in range(batches):
+    """One pass over the split in order, in global batches of `batch_size` groups of which this process yields
+    its rows [p·b, (p+1)·b), b = batch_size / P (as `train_dataset`); the same response sample every time (seeded
+    by the record index); the last global batch is padded with invalid groups. The global batches do not depend
+    on the number of processes."""
+    if batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
+    local = batch_size // process_count
+    for start in range(0, len(source), batch_size):
+        first = start + process_index * local
         elements = []
-        for index in mine[b * batch_size:(b + 1) * batch_size]:
+        for index in range(first, min(first + local, len(source))):
             group = source[index]
             rng = np.random.default_rng([seed, index])
             chosen = sample_responses(len(group["responses"]), encoder.num_comp, rng)
             elements.append(encoder.encode(group, chosen, None if reference is None else reference[index]))
-        elements += [encoder.empty()] * (batch_size - len(elements))
+        elements += [encoder.empty()] * (local - len(elements))
         yield stack(elements)
+
+
+def process_block(mesh: jax.sharding.Mesh, batch_size: int) -> int:
+    """Which of the P equal blocks of rows of a global batch of `batch_size` the devices of this process hold
+    (the `process_index` to give `train_dataset` and `eval_batches`); ValueError when they hold another share."""
+    count = jax.process_count()
+    if batch_size % count:
+        raise ValueError(f"batch size {batch_size} is not divisible by {count} processes")
+    local = batch_size // count
+    indices = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,)).values()
+    rows = sorted({row for (index,) in indices for row in range(*index.indices(batch_size))})
+    if rows != list(range(rows[0], rows[0] + local)) or rows[0] % local:
+        raise ValueError(f"this process's devices hold batch rows {rows[:4]}… of {batch_size}, not one block of "
+                         f"{local}: the mesh must split the batch over every process (mesh.tensor within a host)")
+    return rows[0] // local
 
 
 def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict:

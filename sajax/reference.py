@@ -29,7 +29,8 @@ def compute(params, config, encoder: input_pipeline.GroupEncoder, source, mesh, 
     fields = ("tokens", "attention_mask", "loss_mask")
     shardings = batch_lib.shardings(mesh, fields)
     score = jax.jit(functools.partial(_logp, config=config, chunk_size=chunk_size),
-                    in_shardings=(sharding.param_shardings(config, mesh), shardings))
+                    in_shardings=(sharding.param_shardings(config, mesh), shardings),
+                    out_shardings=sharding.replicated(mesh))  # every process reads every value
     counts, values, pending = [], [], []
 
     def flush():

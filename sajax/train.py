@@ -25,10 +25,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from sajax import alignment_data, checkpoint, config_files, demo_data, fileutil, hf, input_pipeline
+from sajax import alignment_data, checkpoint, config_files, demo_data, distributed, fileutil, hf, input_pipeline
 from sajax import known_models, loading, model, sharding
 from sajax import metrics as metrics_lib
 from sajax import reference as reference_lib
@@ -246,8 +245,7 @@ def commit(setup: Setup) -> None:
                 setup.tokenizer.save_pretrained(str(tmp))
         if setup.demo_records is not None:
             alignment_data.write_tfds(setup.demo_records, workdir / DEMO_DATASET)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("sajax: workdir committed")
+    distributed.barrier("sajax: workdir committed")
     setup.tokenizer = tokenizer_lib.load_tokenizer(workdir / "tokenizer")
     setup.encoder = dataclasses.replace(setup.encoder, tokenizer=setup.tokenizer)
     if setup.demo_records is not None:
@@ -265,7 +263,9 @@ def initial_params(cfg, config: LlamaConfig, params_sharding):
 
 
 def run(cfg, workdir: str | os.PathLike) -> dict:
-    """Trains (or resumes) and returns the final evaluation metrics (empty without a validation split)."""
+    """Trains (or resumes) and returns the final evaluation metrics (empty without a validation split). In a
+    multi-process job every process calls it with the same arguments (checked first)."""
+    distributed.check_same_job({"sajax-train": _config_dict(cfg), "workdir": str(Path(workdir).absolute())})
     setup = prepare(cfg, Path(workdir).absolute())
     commit(setup)
     return _train(setup)
@@ -289,9 +289,10 @@ def _train(setup: Setup) -> dict:
                 setup.encoder, [s for s in setup.sources if s is not None], mesh, batch_size=micro_batch,
                 chunk_size=cfg.train.loss_chunk_size)
         data = input_pipeline.train_dataset(
-            train_source, setup.encoder, batch_size=cfg.train.batch_size // jax.process_count(), seed=cfg.seed,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            reference=None if reference is None else reference[0], read_threads=cfg.data.read_threads)
+            train_source, setup.encoder, batch_size=cfg.train.batch_size, seed=cfg.seed,
+            process_index=input_pipeline.process_block(mesh, cfg.train.batch_size),
+            process_count=jax.process_count(), reference=None if reference is None else reference[0],
+            read_threads=cfg.data.read_threads)
         iterator = iter(data)
         try:
             restored = ckpt.restore_latest(ts.abstract_state(config, tx, shardings))
@@ -318,8 +319,9 @@ def _evaluator(eval_step, source, encoder, cfg, mesh, batch_size, reference):
             return {}
         sums = None
         batches = input_pipeline.eval_batches(
-            source, encoder, batch_size=batch_size // jax.process_count(), seed=cfg.seed,
-            process_index=jax.process_index(), process_count=jax.process_count(), reference=reference)
+            source, encoder, batch_size=batch_size, seed=cfg.seed,
+            process_index=input_pipeline.process_block(mesh, batch_size), process_count=jax.process_count(),
+            reference=reference)
         for i, batch in enumerate(batches):
             if cfg.eval_max_batches and i >= cfg.eval_max_batches:
                 break

@@ -10,7 +10,7 @@ from pathlib import Path
 from absl import flags, logging
 from ml_collections import config_flags
 
-from sajax.cli import run_app
+from sajax.cli import join_job, run_app, single_process
 from sajax.config_files import bundled_config
 
 _FLAGS = flags.FLAGS
@@ -29,6 +29,7 @@ def _sim_main(argv) -> None:
     from sim.openai_backend import BackendError
 
     logging.set_verbosity(logging.WARNING)
+    single_process("sajax-sim")
     try:
         metrics = run.simulate(_FLAGS.config, _FLAGS.workdir, resume=_FLAGS.resume, overwrite=_FLAGS.overwrite)
     except (ValueError, OSError, store.WorkdirError, BackendError, engine.StageFailure) as e:
@@ -59,9 +60,15 @@ def _define_dataset_flags() -> None:
 
 def _dataset_main(argv) -> None:
     del argv
+    from sajax import distributed
     from sim import dataset, original, store
 
     logging.set_verbosity(logging.WARNING)
+    out = str(Path(_FLAGS.out).absolute())
+    join_job("sajax-sim-dataset", {"workdir": _FLAGS.workdir and str(Path(_FLAGS.workdir).absolute()),
+                                   "original": _FLAGS.original, "out": out, "ratios": _FLAGS.ratios,
+                                   "validation_percent": _FLAGS.validation_percent, "seed": _FLAGS.seed,
+                                   "overwrite": _FLAGS.overwrite})
     try:
         if bool(_FLAGS.workdir) == bool(_FLAGS.original):
             raise ValueError("give exactly one of --workdir and --original")
@@ -72,12 +79,16 @@ def _dataset_main(argv) -> None:
                 raise ValueError(f"{_FLAGS.workdir}: no committed rounds")
         else:
             records, summary = original.convert(_FLAGS.original)
-            print(f"read {summary}")
+            if distributed.is_main():
+                print(f"read {summary}")
         counts = dataset.build(records, _FLAGS.out, ratios=ratios, validation_percent=_FLAGS.validation_percent,
-                               seed=_FLAGS.seed, overwrite=_FLAGS.overwrite)
+                               seed=_FLAGS.seed, overwrite=_FLAGS.overwrite, write=distributed.is_main())
     except (ValueError, OSError, store.WorkdirError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
+    distributed.barrier("sajax-sim-dataset: written")  # every process returns once the dataset is there
+    if not distributed.is_main():
+        return
     print(f"wrote {_FLAGS.out}: " + "; ".join(f"{split} " + ", ".join(f"{k} {n}" for k, n in kinds.items())
                                               for split, kinds in counts.items()))
 
@@ -112,6 +123,7 @@ def _calibrate_main(argv) -> None:
     from sim.local_backend import LocalBackend
 
     logging.set_verbosity(logging.WARNING)
+    single_process("sajax-calibrate")
     try:
         for readout in _FLAGS.readouts:
             if readout not in prompts.READOUTS:
@@ -168,6 +180,7 @@ def _pipeline_main(argv) -> None:
     from sim.openai_backend import BackendError
 
     logging.set_verbosity(logging.WARNING)
+    single_process("sajax-pipeline")
     try:
         report = pipeline.run_pipeline(_FLAGS.config, _FLAGS.workdir)
     except (ValueError, OSError, store.WorkdirError, BackendError, engine.StageFailure, TrainingError,

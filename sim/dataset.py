@@ -73,9 +73,11 @@ def parse_ratios(text: str) -> tuple[int, int, int] | None:
 
 
 def build(records: list[dict], out_dir: str | Path, *, ratios=(5, 1, 1), validation_percent: int = 10,
-          seed: int = 0, rating_scale: float = 7.0, overwrite: bool = False) -> dict[str, dict[str, int]]:
+          seed: int = 0, rating_scale: float = 7.0, overwrite: bool = False,
+          write: bool = True) -> dict[str, dict[str, int]]:
     """Writes the dataset; returns the number of groups per split and kind. `ratios=None` keeps every group.
-    `out_dir` is replaced only if it holds a dataset written here, or with `overwrite` (checked first)."""
+    `out_dir` is replaced only if it holds a dataset written here, or with `overwrite` (checked first).
+    `write=False` checks and counts everything but writes nothing (the other processes of a multi-process job)."""
     if ratios is not None and (len(ratios) != 3 or min(ratios) < 0 or not any(ratios)):
         raise ValueError(f"ratios must be 3 numbers >= 0, not all zero; got {ratios!r}")
     if not 0 <= validation_percent < 100:
@@ -106,5 +108,6 @@ def build(records: list[dict], out_dir: str | Path, *, ratios=(5, 1, 1), validat
         counts[split][kind] += 1
     if not splits["train"]:
         raise ValueError("every selected query fell into the validation split; lower validation_percent")
-    alignment_data.write_tfds({split: groups for split, groups in splits.items() if groups}, out_dir, overwrite)
+    if write:
+        alignment_data.write_tfds({split: groups for split, groups in splits.items() if groups}, out_dir, overwrite)
     return counts

@@ -178,20 +178,30 @@ def test_stream_is_deterministic_resumable_and_resamples_each_epoch(tok, tfds_di
     assert not np.array_equal(epoch1, epoch2)  # another order and other samples in the next epoch
 
 
-def test_processes_read_disjoint_records_and_eval_pads(tok, tfds_dir):
-    source = GroupSource(tfds_dir, "validation")  # 5 groups
+def test_processes_split_each_global_batch_into_the_batches_of_one_process(tok, tfds_dir):
+    # P processes each yield their block of rows of every global batch; side by side they are the batches of one
+    # process, so a run's batches do not depend on how many processes read them
     enc = input_pipeline.GroupEncoder(tok, max_len=32, max_prompt_len=16, num_comp=3)
-    per_process = [list(input_pipeline.eval_batches(source, enc, batch_size=2, seed=0, process_index=p,
-                                                    process_count=2)) for p in range(2)]
-    assert [len(b) for b in per_process] == [2, 2]  # 3 and 2 groups → both 2 batches of 2
-    groups = sum(int(b["valid"].any(axis=1).sum()) for batches in per_process for b in batches)
-    assert groups == 5
-    again = list(input_pipeline.eval_batches(source, enc, batch_size=2, seed=0, process_index=0, process_count=2))
-    np.testing.assert_array_equal(again[0]["tokens"], per_process[0][0]["tokens"])
-    streams = [iter(input_pipeline.train_dataset(GroupSource(tfds_dir, "train"), enc, batch_size=2, seed=0,
-                                                 process_index=p, process_count=2)) for p in range(2)]
-    seen = [{tuple(row) for b in (next(s) for _ in range(5)) for row in b["tokens"][:, 0]} for s in streams]
-    assert not seen[0] & seen[1]
+    source = GroupSource(tfds_dir, "validation")  # 5 groups → global batches of 4: 4, then 1 + 3 padding
+    one = list(input_pipeline.eval_batches(source, enc, batch_size=4, seed=0))
+    for count in (2, 4):
+        per_process = [list(input_pipeline.eval_batches(source, enc, batch_size=4, seed=0, process_index=p,
+                                                        process_count=count)) for p in range(count)]
+        assert [len(b) for b in per_process] == [2] * count
+        for g, whole in enumerate(one):
+            for key in whole:
+                np.testing.assert_array_equal(np.concatenate([b[g][key] for b in per_process]), whole[key])
+    assert int(one[1]["valid"].any(axis=1).sum()) == 1
+    train_source = GroupSource(tfds_dir, "train")  # 20 groups: 6 batches of 8 cover two epochs and a half
+    single = iter(input_pipeline.train_dataset(train_source, enc, batch_size=8, seed=0))
+    streams = [iter(input_pipeline.train_dataset(train_source, enc, batch_size=8, seed=0, process_index=p,
+                                                 process_count=2)) for p in range(2)]
+    for _ in range(6):
+        whole, parts = next(single), [next(s) for s in streams]
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), whole[key])
+    with pytest.raises(ValueError, match="batch size 8 is not divisible by 3 processes"):
+        input_pipeline.train_dataset(train_source, enc, batch_size=8, seed=0, process_count=3)
 
 
 def test_write_tfds_replaces_only_when_complete(tmp_path):
