@@ -22,6 +22,8 @@ TEST = ["pytest==9.2.0", "torch==2.13.0",  # torch: the PyTorch LLaMA reference 
         "accelerate==1.15.0",  # transformers' own GGUF loading (the reference for sajax's) needs it
         "pandas==3.1.1"]  # pandas: writes test files exactly as the original Stable Alignment project does
 
+TPU = ["libtpu==0.0.42.*"]  # sajax-compile: XLA's TPU compiler (the version jax[tpu]==0.10.2 pins), no TPU needed
+
 setup(
     name="sajax",
     version="0.1.0",
@@ -31,13 +33,14 @@ setup(
     package_dir={"sajax.configs": "configs"},
     package_data={"sajax": ["assets/*.txt", "assets/*.json"], "sim": ["assets/*.txt", "assets/*.jsonl"]},
     install_requires=RUNTIME,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, "tpu": TPU},
     entry_points={"console_scripts": [
         "sajax-train=sajax.cli:train_main",
         "sajax-export=sajax.cli:export_main",
         "sajax-generate=sajax.cli:generate_main",
         "sajax-eval=sajax.cli:eval_main",
         "sajax-serve=sajax.cli:serve_main",
+        "sajax-compile=sajax.cli:compile_main",
         "sajax-sim=sim.cli:sim_main",
         "sajax-sim-dataset=sim.cli:dataset_main",
         "sajax-calibrate=sim.cli:calibrate_main",

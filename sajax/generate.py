@@ -377,6 +377,26 @@ def decode(config: LlamaConfig, params, state: Prefilled, *, max_new_tokens: int
     return Generation(np.asarray(tokens), np.asarray(lengths), logprobs, top_ids, top_logp)
 
 
+def compile_generation(config: LlamaConfig, params, *, batch: int, prompt_len: int, new_tokens: int,
+                       input_sharding) -> tuple:
+    """Ahead-of-time (`sajax.aot`): the two programs `generate` runs for `batch` prompts of `prompt_len` tokens
+    and `new_tokens` more — the prefill, then the decode loop — lowered for abstract `params` (ShapeDtypeStructs
+    with shardings; the mesh's devices may be a described TPU slice) and compiled. The prompts and sampling
+    settings get `input_sharding`; the decode loop's KV cache and logits the shardings the prefill gives them."""
+    ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=input_sharding)
+    prefill = _prefill.lower(config, new_tokens, params, ids, ids).compile()
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         jax.eval_shape(functools.partial(_prefill, config, new_tokens), params, ids, ids),
+                         prefill.output_shardings)
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=input_sharding)  # noqa: E731
+    rng = jax.eval_shape(jax.random.key, 0)
+    rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=input_sharding)
+    eos = jax.ShapeDtypeStruct((max(len(config.eos_token_ids), 1),), jnp.int32, sharding=input_sharding)
+    decode = _decode.lower(config, prompt_len, new_tokens, -1, params, *state, rng, scalar(jnp.float32),
+                           scalar(jnp.int32), scalar(jnp.float32), eos, scalar(jnp.int32)).compile()
+    return prefill, decode
+
+
 def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,

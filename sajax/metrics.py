@@ -53,10 +53,14 @@ def peak_flops_per_device(configured: float = 0.0) -> float | None:
     device = jax.devices()[0]
     if device.platform == "cpu":
         return measure_matmul_peak()
-    for prefix, flops in PEAK_FLOPS.items():
-        if device.device_kind.startswith(prefix):
-            return flops
-    return None
+    return known_peak_flops(device.device_kind)
+
+
+def known_peak_flops(device_kind: str) -> float | None:
+    """The dense bf16 peak of a known accelerator (by jax `device_kind`; the longest matching prefix), else
+    None."""
+    matches = [prefix for prefix in PEAK_FLOPS if device_kind.startswith(prefix)]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 class MetricsWriter:

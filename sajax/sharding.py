@@ -45,10 +45,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh of shape (data, fsdp, tensor) over `devices` (default: all). At most one size may be -1."""
-    explicit = devices
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_shape(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes over `device_count` devices; at most one may be -1 (all remaining)."""
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     unknown = [name for name, size in sizes.items() if size == -1]
     for name, size in sizes.items():
@@ -58,16 +56,24 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         raise ValueError(f"at most one mesh axis may be -1, got {unknown}")
     known = math.prod(size for size in sizes.values() if size != -1)
     if unknown:
-        if len(devices) % known:
-            raise ValueError(f"mesh {sizes}: {len(devices)} devices are not divisible by {known}")
-        sizes[unknown[0]] = len(devices) // known
+        if device_count % known:
+            raise ValueError(f"mesh {sizes}: {device_count} devices are not divisible by {known}")
+        sizes[unknown[0]] = device_count // known
     shape = tuple(sizes[name] for name in MESH_AXES)
-    if math.prod(shape) != len(devices):
+    if math.prod(shape) != device_count:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
-                         f"{len(devices)} are available")
+                         f"{device_count} are available")
+    return shape
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
+              arrange: bool = False) -> Mesh:
+    """Mesh of shape (data, fsdp, tensor) over `devices` (default: all, in jax's topology-aware order). Given
+    devices keep their order, unless `arrange` (the devices of a TPU topology: laid out by the interconnect)."""
+    shape = mesh_shape(data, fsdp, tensor, len(jax.devices() if devices is None else devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if explicit is None:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto)  # topology-aware device order (TPU/GPU)
+    if devices is None or arrange:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)  # topology-aware (TPU/GPU)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 

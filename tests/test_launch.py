@@ -38,7 +38,8 @@ def test_tpu_dry_run_prints_every_hosts_command_and_environment(tmp_path):
         runs = next(line for line in lines if line.startswith(f"host {i} runs: "))[len(f"host {i} runs: "):]
         words = shlex.split(runs)
         assert words[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu", "--zone"]
-        assert words[8] == f"--worker={i}" and words[10] == on_host and words[11:] == [">", f"logs/r7/host-{i}.log", "2>&1"]
+        assert words[8] == f"--worker={i}" and words[10] == on_host
+        assert words[11:] == [">", f"logs/r7/host-{i}.log", "2>&1"]
     assert not (tmp_path / "logs").exists()  # nothing run, nothing written
 
     no_hosts = _bash(TPU, "run", "my-tpu", "zone", "--dry-run", "--", "sajax-train")
