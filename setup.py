@@ -22,7 +22,8 @@ TEST = ["pytest==9.2.0", "torch==2.13.0",  # torch: the PyTorch LLaMA reference 
         "accelerate==1.15.0",  # transformers' own GGUF loading (the reference for sajax's) needs it
         "pandas==3.1.1"]  # pandas: writes test files exactly as the original Stable Alignment project does
 
-TPU = ["libtpu==0.0.42.*"]  # sajax-compile: XLA's TPU compiler (the version jax[tpu]==0.10.2 pins), no TPU needed
+# sajax-compile: XLA's TPU compiler (the version jax[tpu]==0.10.2 pins; wheels for Linux), no TPU needed
+TPU = ["libtpu==0.0.42.*; platform_system == 'Linux'"]
 
 setup(
     name="sajax",
@@ -33,7 +34,7 @@ setup(
     package_dir={"sajax.configs": "configs"},
     package_data={"sajax": ["assets/*.txt", "assets/*.json"], "sim": ["assets/*.txt", "assets/*.jsonl"]},
     install_requires=RUNTIME,
-    extras_require={"test": TEST, "tpu": TPU},
+    extras_require={"test": TEST + TPU, "tpu": TPU},  # the tests compile for a TPU slice too
     entry_points={"console_scripts": [
         "sajax-train=sajax.cli:train_main",
         "sajax-export=sajax.cli:export_main",

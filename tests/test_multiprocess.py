@@ -195,3 +195,13 @@ def test_processes_that_differ_stop_before_writing_with_a_named_cause(tmp_path):
                          env=env, timeout=120)
     assert sim.returncode == 1 and "sajax-sim runs as one process" in sim.stderr
     assert not workdir.exists()
+
+
+def test_two_processes_generate_what_one_process_does(tmp_path):
+    flags = ["--config.generate.max_new_tokens=8", "--config.mesh.data=1", "--config.mesh.fsdp=-1"]
+    one = _single("sajax-generate", *flags, devices=2)
+    assert one.returncode == 0, one.stderr
+    job = Job(tmp_path / "logs", "generate", 2, "sajax-generate", *flags)
+    assert job.wait() == [0, 0], job.log(0) + job.log(1)
+    outputs = one.stdout[one.stdout.index("### Prompt"):]
+    assert outputs in job.log(0) and "### Prompt" not in job.log(1)
