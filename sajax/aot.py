@@ -18,9 +18,8 @@ them on the target's mesh — and compiled by XLA for a Cloud TPU slice that lib
 
 XLA's cost analysis counts the body of a loop once, whatever its trip count, and the step loops over layers
 (`scan_layers`), loss chunks (`loss_chunk_size`) and micro-batches (`grad_accum_steps`). So the costs come from
-compiles of the same step without loops (`step_costs`): 1 and 2 unrolled layers, extrapolated to all of them
-(every layer is the same computation), the loss in one chunk, one micro-batch times `grad_accum_steps`. Memory
-always comes from the step as configured.
+compiles of the same step with every loop unrolled (`step_costs`) — for 1 and 2 layers, extrapolated to all of
+them (every layer is the same computation). Memory always comes from the step as configured.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ import jax
 import ml_collections
 
 from sajax import batch as batch_lib
-from sajax import generate, metrics, model, sharding
+from sajax import generate, losses, metrics, model, sharding
 from sajax import train as train_lib
 from sajax import train_step as ts
 
@@ -165,21 +164,17 @@ COSTS = ("flops", "bytes accessed", "optimal_seconds")
 def step_costs(cfg: ml_collections.ConfigDict, config, mesh) -> dict[str, float]:
     """XLA's cost analysis of one train step, per chip, counting every loop iteration.
 
-    The step is compiled without loops — layers unrolled, the loss in one chunk, one micro-batch — for 1 and for 2
-    layers: every layer is the same computation on the same shardings, so a cost is c(L) = c(1) + (L − 1)·(c(2) −
-    c(1)) (the embedding, the loss and the rest counted once), times `grad_accum_steps` micro-batches. Two
-    compiles of one or two layers instead of one of L."""
-    flat = ml_collections.ConfigDict(cfg.to_dict())
-    flat.train.loss_chunk_size = cfg.data.max_len
-    flat.train.batch_size = cfg.train.batch_size // cfg.train.grad_accum_steps
-    flat.train.grad_accum_steps = 1
+    The step is compiled with its loops over loss chunks and micro-batches unrolled (`losses.unrolled_loops`) and
+    its layers unrolled, for 1 and for 2 layers: every layer is the same computation on the same shardings, so a
+    cost is c(L) = c(1) + (L − 1)·(c(2) − c(1)) — two compiles of one or two layers instead of one of L."""
     costs = []
     for layers in (1, 2):
         shallow = dataclasses.replace(config, num_hidden_layers=layers, scan_layers=False)
-        compiled = compile_lowered(lower_train_step(flat, shallow, mesh), f"the train step with {layers} layer(s)")
-        costs.append(compiled.cost_analysis())
-    layers, repeat = config.num_hidden_layers, cfg.train.grad_accum_steps
-    return {key: repeat * (costs[0][key] + (layers - 1) * (costs[1][key] - costs[0][key])) for key in COSTS}
+        with losses.unrolled_loops():
+            lowered = lower_train_step(cfg, shallow, mesh)
+        costs.append(compile_lowered(lowered, f"the train step with {layers} layer(s)").cost_analysis())
+    layers = config.num_hidden_layers
+    return {key: costs[0][key] + (layers - 1) * (costs[1][key] - costs[0][key]) for key in COSTS}
 
 
 def compile_train_step(cfg: ml_collections.ConfigDict, chip: Chip, devices: list, *, costs: bool = True) -> dict:

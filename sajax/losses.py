@@ -14,6 +14,8 @@ micro-batches. `reduce` turns sums into the reported means.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import NamedTuple
 
 import jax
@@ -32,6 +34,20 @@ class Ratio(NamedTuple):
     @property
     def value(self) -> Array:
         return self.total / jnp.maximum(self.count, 1)
+
+
+UNROLL_LOOPS = contextvars.ContextVar("sajax_unroll_loops", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_loops():
+    """While tracing inside it, the step's loops over loss chunks and micro-batches are unrolled (the same
+    arithmetic, no while loop): for XLA's cost analysis, which counts a loop body once (`sajax.aot`)."""
+    token = UNROLL_LOOPS.set(True)
+    try:
+        yield
+    finally:
+        UNROLL_LOOPS.reset(token)
 
 
 def response_token_nll(hidden: Array, output_weights: Array, tokens: Array, loss_mask: Array,
@@ -67,7 +83,7 @@ def response_token_nll(hidden: Array, output_weights: Array, tokens: Array, loss
         return total + jnp.sum(chunk_nll(h, target) * w, axis=-1), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((n,), jnp.float32),
-                            (as_chunks(hidden), as_chunks(targets), as_chunks(weights)))
+                            (as_chunks(hidden), as_chunks(targets), as_chunks(weights)), unroll=UNROLL_LOOPS.get())
     return Ratio(total, jnp.sum(weights, axis=-1))
 
 

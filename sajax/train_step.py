@@ -117,7 +117,7 @@ def accumulated_gradients(params, batch: dict, *, config: LlamaConfig, train_cfg
 
     shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro, unroll=losses.UNROLL_LOOPS.get())
     units = jnp.maximum(sums.loss.count, 1)
     return jax.tree.map(lambda g: (g / units).astype(g.dtype), grads), sums
 
