@@ -161,7 +161,7 @@ def lower_train_step(cfg, config, mesh):
 COSTS = ("flops", "bytes accessed", "optimal_seconds")
 
 
-def step_costs(cfg: ml_collections.ConfigDict, config, mesh) -> dict[str, float]:
+def step_costs(cfg: ml_collections.ConfigDict, config, mesh, progress=None) -> dict[str, float]:
     """XLA's cost analysis of one train step, per chip, counting every loop iteration.
 
     The step is compiled with its loops over loss chunks and micro-batches unrolled (`losses.unrolled_loops`) and
@@ -173,12 +173,16 @@ def step_costs(cfg: ml_collections.ConfigDict, config, mesh) -> dict[str, float]
         with losses.unrolled_loops():
             lowered = lower_train_step(cfg, shallow, mesh)
         costs.append(compile_lowered(lowered, f"the train step with {layers} layer(s)").cost_analysis())
+        if progress:
+            progress(f"costs, {layers} layer(s)")
     layers = config.num_hidden_layers
     return {key: costs[0][key] + (layers - 1) * (costs[1][key] - costs[0][key]) for key in COSTS}
 
 
-def compile_train_step(cfg: ml_collections.ConfigDict, chip: Chip, devices: list, *, costs: bool = True) -> dict:
-    """The train step of `cfg` compiled for `devices`: its memory per chip, FLOPs, predicted time and MFU."""
+def compile_train_step(cfg: ml_collections.ConfigDict, chip: Chip, devices: list, *, costs: bool = True,
+                       progress=None) -> dict:
+    """The train step of `cfg` compiled for `devices`: its memory per chip, FLOPs, predicted time and MFU.
+    `progress(name)` is called after each compile."""
     train_lib.check_config(cfg)
     config = train_lib.model_config(cfg)
     mesh = sharding.make_mesh(**cfg.mesh, devices=devices, arrange=True)
@@ -189,12 +193,14 @@ def compile_train_step(cfg: ml_collections.ConfigDict, chip: Chip, devices: list
                          f"fsdp = {ways}")
     sharding.param_shardings(config, mesh)  # every parameter divisible by its mesh axes (names the first that is not)
     memory = Memory.of(compile_lowered(lower_train_step(cfg, config, mesh), "the train step"))
+    if progress:
+        progress("train step")
     tokens = cfg.train.batch_size * cfg.data.num_comp * cfg.data.max_len
     model_flops = metrics.train_flops_per_token(config, cfg.data.max_len) * tokens / len(devices)
     out = {"program": "train step", "mesh": dict(mesh.shape), "memory": memory, "hbm_bytes": chip.hbm_bytes,
            "params": config.num_params(), "tokens_per_step": tokens, "model_flops_per_chip": model_flops}
     if costs:
-        cost = step_costs(cfg, config, mesh)
+        cost = step_costs(cfg, config, mesh, progress)
         seconds = cost["optimal_seconds"]
         out.update(xla_flops_per_chip=cost["flops"], bytes_accessed_per_chip=cost["bytes accessed"],
                    predicted_seconds=seconds, predicted_mfu=model_flops / (seconds * chip.peak_flops),

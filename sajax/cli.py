@@ -319,7 +319,7 @@ def _define_compile_flags() -> None:
     flags.DEFINE_integer("generation_batch", 0, "Prompts per generation call (0: one per data × fsdp shard).")
     flags.DEFINE_integer("prompt_len", 0, "Prompt tokens for generation (0: data.max_prompt_len).")
     flags.DEFINE_integer("new_tokens", 0, "Tokens to generate (0: generate.max_new_tokens).")
-    flags.DEFINE_bool("costs", True, "Predict step time and MFU (a second compile of the step without loops).")
+    flags.DEFINE_bool("costs", True, "Predict step time and MFU (two more compiles: 1 and 2 layers, loops unrolled).")
     flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
 
 
@@ -332,20 +332,26 @@ def _compile_main(argv) -> None:
     import json
     from pathlib import Path
 
+    from tqdm import tqdm
+
     from sajax import aot, fileutil
 
     logging.set_verbosity(logging.WARNING)
     single_process("sajax-compile")
     cfg = _FLAGS.config
+    bar = tqdm(total=1 + 2 * _FLAGS.costs + _FLAGS.generation, desc="compile", unit="program")
+    done = lambda name: bar.set_postfix_str(name, refresh=False) or bar.update(1)  # noqa: E731
     try:
         chip, devices = aot.topology_devices(_FLAGS.topology)
-        results = [aot.compile_train_step(cfg, chip, devices, costs=_FLAGS.costs)]
+        results = [aot.compile_train_step(cfg, chip, devices, costs=_FLAGS.costs, progress=done)]
         if _FLAGS.generation:
             mesh = results[0]["mesh"]
             results += aot.compile_generation(
                 cfg, chip, devices, batch=_FLAGS.generation_batch or mesh["data"] * mesh["fsdp"],
                 prompt_len=_FLAGS.prompt_len or cfg.data.max_prompt_len,
                 new_tokens=_FLAGS.new_tokens or cfg.generate.max_new_tokens)
+            done("generation")
+        bar.close()
         print(aot.format_report(_FLAGS.topology, chip, devices, results), flush=True)
         if _FLAGS.json:
             report = {"topology": _FLAGS.topology, "chips": len(devices), "chip": chip.device_kind,
