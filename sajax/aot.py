@@ -14,7 +14,10 @@ them on the target's mesh — and compiled by XLA for a Cloud TPU slice that lib
 - FLOPs per step: the model's (`metrics.train_flops_per_token`: 6·N + attention per token, no recomputation) and
   what XLA counts in the compiled step (recomputation by `remat_policy` included);
 - predicted step time and MFU: XLA's `optimal_seconds` for the step (its cost model's time for every operation
-  at the chip's compute and memory rates) and the model FLOPs per chip ÷ (that time × the chip's peak).
+  at the chip's compute and memory rates) and the model FLOPs per chip ÷ (that time × the chip's peak) — only
+  when the cost analysis is self-consistent. On large per-chip batches XLA reports fewer FLOPs than the model
+  has (likely its own loops, such as windowed einsums over fsdp shards, counted once) and `optimal_seconds` can
+  come out negative; the report then says so instead of predicting.
 
 XLA's cost analysis counts the body of a loop once, whatever its trip count, and the step loops over layers
 (`scan_layers`), loss chunks (`loss_chunk_size`) and micro-batches (`grad_accum_steps`). So the costs come from
@@ -202,9 +205,19 @@ def compile_train_step(cfg: ml_collections.ConfigDict, chip: Chip, devices: list
     if costs:
         cost = step_costs(cfg, config, mesh, progress)
         seconds = cost["optimal_seconds"]
-        out.update(xla_flops_per_chip=cost["flops"], bytes_accessed_per_chip=cost["bytes accessed"],
-                   predicted_seconds=seconds, predicted_mfu=model_flops / (seconds * chip.peak_flops),
-                   predicted_tokens_per_second=tokens / seconds)
+        out.update(xla_flops_per_chip=cost["flops"], bytes_accessed_per_chip=cost["bytes accessed"])
+        unreliable = []
+        if cost["flops"] < model_flops:
+            unreliable.append(f"XLA counts fewer FLOPs than the model's own ({cost['flops']:.3e} < "
+                              f"{model_flops:.3e}): likely a loop XLA introduced itself (a windowed einsum over the "
+                              "fsdp shards), counted once")
+        if seconds <= 0:
+            unreliable.append(f"XLA's optimal_seconds is {seconds:.3g}, not a time")
+        if unreliable:
+            out["no_prediction"] = "; ".join(unreliable)
+        else:
+            out.update(predicted_seconds=seconds, predicted_mfu=model_flops / (seconds * chip.peak_flops),
+                       predicted_tokens_per_second=tokens / seconds)
     return out
 
 
@@ -252,9 +265,12 @@ def format_report(topology: str, chip: Chip, devices: list, results: list[dict])
         if "model_flops_per_chip" in r:
             lines.append(f"{r['params']:,} parameters, {r['tokens_per_step']:,} tokens per step; model FLOPs per "
                          f"chip per step {r['model_flops_per_chip']:.3e}")
-        if "predicted_seconds" in r:
+        if "xla_flops_per_chip" in r:
             lines.append(f"XLA: {r['xla_flops_per_chip']:.3e} FLOPs per chip (recomputation included), "
                          f"{_size(r['bytes_accessed_per_chip'])} of memory traffic")
+        if "no_prediction" in r:
+            lines.append(f"no step time predicted: {r['no_prediction']}")
+        if "predicted_seconds" in r:
             lines.append(f"predicted step time {_seconds(r['predicted_seconds'])}, "
                          f"{r['predicted_tokens_per_second']:,.0f} tokens/s, MFU {r['predicted_mfu']:.1%}")
     return "\n".join(lines)

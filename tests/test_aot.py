@@ -109,3 +109,18 @@ def test_costs_from_one_and_two_layers_equal_those_of_all_layers_unrolled():
     # step than between the layers of a 4-layer one (measured: +9% here, less the more layers there are)
     for key in ("bytes accessed", "optimal_seconds"):
         assert unrolled[key] <= extrapolated[key] <= 1.15 * unrolled[key], key
+
+
+def test_an_inconsistent_cost_analysis_predicts_nothing_and_says_why():
+    chip, _ = aot.parse_topology("v6e:4x4")
+    memory = aot.Memory(arguments=2**30, outputs=2**30, aliased=2**30, temporaries=2**30, code=0)
+    result = {"program": "train step", "mesh": {"data": 1, "fsdp": 16, "tensor": 1}, "memory": memory,
+              "hbm_bytes": chip.hbm_bytes, "params": 10, "tokens_per_step": 10, "model_flops_per_chip": 2e12,
+              "xla_flops_per_chip": 1e12, "bytes_accessed_per_chip": 2**40,
+              "no_prediction": "XLA counts fewer FLOPs than the model's own"}
+    text = aot.format_report("v6e:4x4", chip, [None] * 16, [result])
+    assert "no step time predicted: XLA counts fewer FLOPs" in text and "predicted step time" not in text
+    assert "total 2.00 GiB of 32.00 GiB HBM (6.2%): fits" in text
+    aot.check_fits([result])  # fits: no error
+    with pytest.raises(aot.DoesNotFit, match="train step needs 40.00 GiB per chip, 32.00 GiB available"):
+        aot.check_fits([{**result, "memory": aot.Memory(2**30, 0, 0, 39 * 2**30, 0)}])
