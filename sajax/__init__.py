@@ -1,6 +1,31 @@
 """sajax: Stable Alignment in JAX — a sharded Flax LLaMA with HF parity, generation and HF checkpoint I/O."""
 
-from sajax.config import Llama3RopeScaling, LlamaConfig
+import glob
+import importlib.util
+import os
+
+
+def _quiet_libtpu_off_tpus() -> None:
+    """With libtpu installed (the `tpu` extra, for sajax-compile) on a machine without TPU chips, jax still starts
+    libtpu, which prints warnings about the TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES it cannot look up before
+    jax falls back to the CPU. Off a TPU these select nothing: give them neutral values (only where no Google
+    PCI device, i.e. no TPU chip, is present, and never over values already set)."""
+    if importlib.util.find_spec("libtpu") is None:
+        return
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() == "0x1ae0":  # Google: a TPU chip
+                    return
+        except OSError:
+            continue
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+
+_quiet_libtpu_off_tpus()
+
+from sajax.config import Llama3RopeScaling, LlamaConfig  # noqa: E402
 
 __all__ = ["LlamaConfig", "Llama3RopeScaling"]
 __version__ = "0.1.0"

@@ -51,9 +51,6 @@ class Chip:
     generation: str  # as in a topology name: v5p:4x4x4
     device_kind: str  # jax's device_kind
     hbm_bytes: int
-    hbm_bandwidth: float  # bytes/s
-    accelerator_type: str  # Cloud TPU accelerator type prefix (v5p-128 = 64 chips × 2 cores)
-    cores_per_chip: int
 
     @property
     def peak_flops(self) -> float:
@@ -62,10 +59,10 @@ class Chip:
 
 
 TPU_CHIPS = {chip.generation: chip for chip in (
-    Chip("v4", "TPU v4", 32 * GiB, 1.2e12, "v4", 2),
-    Chip("v5e", "TPU v5 lite", 16 * GiB, 8.19e11, "v5litepod", 1),
-    Chip("v5p", "TPU v5", 95 * GiB, 2.765e12, "v5p", 2),
-    Chip("v6e", "TPU v6 lite", 32 * GiB, 1.64e12, "v6e", 1),
+    Chip("v4", "TPU v4", 32 * GiB),
+    Chip("v5e", "TPU v5 lite", 16 * GiB),
+    Chip("v5p", "TPU v5", 95 * GiB),
+    Chip("v6e", "TPU v6 lite", 32 * GiB),
 )}
 
 
@@ -87,16 +84,10 @@ def parse_topology(topology: str) -> tuple[Chip, tuple[int, ...]]:
 
 def topology_devices(topology: str) -> tuple[Chip, list]:
     """The chip and the devices of a TPU slice, described by libtpu on this machine (no TPU needed)."""
-    chip, dims = parse_topology(topology)
+    chip, _ = parse_topology(topology)
     if importlib.util.find_spec("libtpu") is None:
         raise ValueError("sajax-compile needs libtpu to compile for TPUs: pip install '.[tpu]'")
-    chips = 1
-    for d in dims:
-        chips *= d
-    # Off a TPU VM libtpu cannot look these up and prints warnings with the values it then fails to parse; what
-    # it reads them for (the local host's own slice) plays no part in compiling for a described topology.
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip.accelerator_type}-{chips * chip.cores_per_chip}")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # (off a TPU, sajax/__init__.py keeps libtpu from warning about the host's own slice, which plays no part here)
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU is opened: other processes may use libtpu
     from jax.experimental import topologies
 
