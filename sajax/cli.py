@@ -90,7 +90,7 @@ def _generate() -> None:
                                      max_new_tokens=cfg.generate.max_new_tokens,
                                      temperature=cfg.generate.temperature, top_k=cfg.generate.top_k,
                                      top_p=cfg.generate.top_p, seed=cfg.seed)
-    if jax.process_index() == 0:
+    if distributed.is_main():
         source = _FLAGS.model or f"random tiny model ({config.num_params():,} params)"
         print(f"# {source} on {len(jax.devices())} {jax.devices()[0].platform} device(s)")
         for prompt, output in zip(prompts, outputs):
@@ -123,7 +123,7 @@ def _train_main(argv) -> None:
     except (ValueError, OSError, train.TrainingError, checkpoint.CheckpointError, distributed.HostMismatch) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
-    if jax.process_index() == 0 and final:
+    if distributed.is_main() and final:
         print("final evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
 
 

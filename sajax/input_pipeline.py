@@ -134,15 +134,13 @@ def train_dataset(source: GroupSource, encoder: GroupEncoder, *, batch_size: int
     response samples each epoch (seeded by the position in the stream), cut into global batches; process p of P
     encodes and yields rows [p·b, (p+1)·b) of each, b = batch_size / P — the rows its devices hold in the
     global array (`to_global`). So a run on P processes sees exactly the batches of a run on one."""
-    if batch_size % process_count:
-        raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
+    local = rows_per_process(batch_size, process_count)
 
     def encode(item, rng):
         index, group = item
         chosen = sample_responses(len(group["responses"]), encoder.num_comp, rng)
         return encoder.encode(group, chosen, None if reference is None else reference[index])
 
-    local = batch_size // process_count
     dataset = (grain.MapDataset.source(source)
                .map_with_index(lambda index, group: (index % len(source), group))  # later epochs index past the end
                .shuffle(seed=seed)
@@ -160,9 +158,7 @@ def eval_batches(source: GroupSource, encoder: GroupEncoder, *, batch_size: int,
     its rows [p·b, (p+1)·b), b = batch_size / P (as `train_dataset`); the same response sample every time (seeded
     by the record index); the last global batch is padded with invalid groups. The global batches do not depend
     on the number of processes."""
-    if batch_size % process_count:
-        raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
-    local = batch_size // process_count
+    local = rows_per_process(batch_size, process_count)
     for start in range(0, len(source), batch_size):
         first = start + process_index * local
         elements = []
@@ -175,13 +171,17 @@ def eval_batches(source: GroupSource, encoder: GroupEncoder, *, batch_size: int,
         yield stack(elements)
 
 
+def rows_per_process(batch_size: int, process_count: int) -> int:
+    """The rows of a global batch each process reads: batch_size / process_count (ValueError unless whole)."""
+    if batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
+    return batch_size // process_count
+
+
 def process_block(mesh: jax.sharding.Mesh, batch_size: int) -> int:
     """Which of the P equal blocks of rows of a global batch of `batch_size` the devices of this process hold
     (the `process_index` to give `train_dataset` and `eval_batches`); ValueError when they hold another share."""
-    count = jax.process_count()
-    if batch_size % count:
-        raise ValueError(f"batch size {batch_size} is not divisible by {count} processes")
-    local = batch_size // count
+    local = rows_per_process(batch_size, jax.process_count())
     indices = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,)).values()
     rows = sorted({row for (index,) in indices for row in range(*index.indices(batch_size))})
     if rows != list(range(rows[0], rows[0] + local)) or rows[0] % local:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sajax import fileutil
+from sajax import distributed, fileutil
 from sajax.config import LlamaConfig
 
 # Dense bf16 peak FLOP/s per device, by jax `device_kind` prefix.
@@ -70,7 +70,7 @@ class MetricsWriter:
     duplicated."""
 
     def __init__(self, workdir: str | Path, start_step: int = 0):
-        self.enabled = jax.process_index() == 0
+        self.enabled = distributed.is_main()
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter

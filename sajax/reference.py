@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sajax import batch as batch_lib
-from sajax import fileutil, input_pipeline, sharding
+from sajax import distributed, fileutil, input_pipeline, sharding
 from sajax.input_pipeline import ReferenceLogps
 from sajax.train_step import response_nll
 
@@ -41,7 +41,7 @@ def compute(params, config, encoder: input_pipeline.GroupEncoder, source, mesh, 
         values.extend(logp[:len(pending)].tolist())
         pending.clear()
 
-    for record in tqdm(range(len(source)), desc="reference log-probs", disable=jax.process_index() != 0):
+    for record in tqdm(range(len(source)), desc="reference log-probs", disable=not distributed.is_main()):
         group = source[record]  # decoded once, all its responses scored
         counts.append(len(group["responses"]))
         for k in range(counts[-1]):
@@ -80,7 +80,7 @@ def compute_and_save(path: Path, params, config, encoder, sources, mesh, *, batc
     `path` (process 0)."""
     refs = [compute(params, config, encoder, source, mesh, batch_size=batch_size, chunk_size=chunk_size)
             for source in sources]
-    if jax.process_index() == 0:
+    if distributed.is_main():
         with fileutil.replace_file(path) as tmp:
             np.savez(tmp, **{f"offsets_{i}": r.offsets for i, r in enumerate(refs)},
                      **{f"values_{i}": r.values for i, r in enumerate(refs)})

@@ -225,7 +225,7 @@ def _checked_source(cfg, path, split) -> alignment_data.GroupSource:
     source = alignment_data.GroupSource(path, split)
     dropped = source.validate((1.0, float(cfg.train.rating_scale)), cfg.data.drop_invalid_scores)
     if dropped.responses:
-        if jax.process_index() == 0:
+        if distributed.is_main():
             sys.stderr.write(f"warning: {path} [{split}]: dropped {dropped} (data.drop_invalid_scores)\n")
     return source
 
@@ -235,7 +235,7 @@ def commit(setup: Setup) -> None:
     model_config.json, tokenizer/, the demo dataset — then reopens the tokenizer (and demo data) from there, so
     a first run and its resumption read the same files."""
     workdir, cfg = setup.workdir, setup.cfg
-    if jax.process_index() == 0:
+    if distributed.is_main():
         workdir.mkdir(parents=True, exist_ok=True)
         fileutil.write_text(workdir / "config.json", json.dumps(_config_dict(cfg), indent=2) + "\n")
         if not (workdir / MODEL_CONFIG).exists():
@@ -345,7 +345,7 @@ def _loop(setup: Setup, state, iterator, train_step, evaluate, ckpt, writer, sta
     finite = jax.numpy.bool_(True)
     pending, last_time, last_step = list(log_window), time.perf_counter(), start
     meta = {"model": config.to_hf_dict(), "seed": cfg.seed}
-    bar = tqdm(total=steps, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc="train", disable=not distributed.is_main(), dynamic_ncols=True)
 
     def guard(step):
         if not bool(finite):
@@ -386,6 +386,6 @@ def _loop(setup: Setup, state, iterator, train_step, evaluate, ckpt, writer, sta
     final = evaluate(state.params)
     if final:
         writer.write(steps, final, prefix="eval")
-    if jax.process_index() == 0 and final:
+    if distributed.is_main() and final:
         fileutil.write_text(workdir / "eval.json", json.dumps({"step": steps, **final}, indent=2) + "\n")
     return final
