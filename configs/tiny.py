@@ -27,7 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
         max_len=64, max_prompt_len=32, num_comp=3, read_threads=2,
         prompt_format="auto",  # query: the dataset's filled template as text; chat: the tokenizer's chat template;
         # auto: chat when the tokenizer has one
-        drop_invalid_scores=False))  # True: train without responses whose score is outside 1..rating_scale
+        drop_invalid_scores=False,  # True: train without responses whose score is outside 1..rating_scale
+        packing=False,  # shared-prompt packing (sajax.packing): each prompt once per row, no padding in between
+        pack_len=0))  # tokens per packed row (>= max_len); 0: 2 × max_len
     config.train = ml_collections.ConfigDict(dict(
         objective="stable_alignment",  # stable_alignment | sft | rrhf | dpo
         steps=200, batch_size=8, grad_accum_steps=1,  # batch_size: groups per optimizer step

@@ -6,6 +6,9 @@ it), the train and eval steps (which shard it) and shape checks.
   scores [B, K] float32                               the responses' ratings
   valid [B, K] bool                                   False for the padding responses of groups with < K
   reference_logp [B, K] float32                       Σ log p(response | prompt) under the initial model (DPO)
+
+Packed (`sajax.packing`, data.packing): the token arrays are replaced by rows [R, L] of several groups each
+(PACKED_FIELDS); the group fields stay [B, K].
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ FIELDS = {  # name: (dtype, rank)
 }
 
 
+PACKED_FIELDS = {
+    **{name: (np.int32, 2) for name in ("tokens", "positions", "segment_ids", "span_ids", "loss_mask",
+                                        "response_index")},
+    **{name: FIELDS[name] for name in ("scores", "valid", "reference_logp")},
+}
+
+
 def empty_group(num_comp: int, max_len: int, pad_id: int) -> dict[str, np.ndarray]:
     """One group's arrays ([K, T] / [K]) with every response invalid; tokens hold `pad_id`."""
     out = {name: np.zeros((num_comp, max_len)[:rank - 1], dtype) for name, (dtype, rank) in FIELDS.items()}
@@ -33,6 +43,8 @@ def abstract(batch_size: int, num_comp: int, max_len: int) -> dict[str, jax.Shap
             for name, (dtype, rank) in FIELDS.items()}
 
 
-def shardings(mesh: jax.sharding.Mesh, names=tuple(FIELDS)) -> dict[str, jax.sharding.NamedSharding]:
-    """Every field split over the mesh's batch axes (data, fsdp) along B."""
-    return {name: sharding.batch_sharding(mesh, FIELDS[name][1]) for name in names}
+def shardings(mesh: jax.sharding.Mesh, names=None, packed: bool = False) -> dict[str, jax.sharding.NamedSharding]:
+    """Every field (of `names`, default all) split over the mesh's batch axes (data, fsdp) along its first axis
+    (B, or R for packed rows)."""
+    fields = PACKED_FIELDS if packed else FIELDS
+    return {name: sharding.batch_sharding(mesh, fields[name][1]) for name in (names or fields)}

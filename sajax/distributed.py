@@ -125,6 +125,13 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (itself in a single-process run)."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+
 def gather(tree):
     """A tree of (possibly cross-process sharded) jax.Arrays → the same tree of whole numpy arrays, on every
     process."""

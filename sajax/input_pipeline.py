@@ -8,7 +8,8 @@ chat model is evaluated and served in): the prompt keeps its *end* (at least `ma
 response is long), the response keeps its *start*. `loss_mask` marks the response tokens (the prompt is never
 trained on).
 
-A global batch holds B groups in the layout of `sajax.batch` (reference_logp: zeros unless DPO); each of P
+A global batch holds B groups in the layout of `sajax.batch` (reference_logp: zeros unless DPO), or with a
+`packing.Packer`, packed rows (`sajax.packing`: each prompt once, no padding between responses); each of P
 processes reads, encodes and yields only the B/P rows its devices hold, and the global batches are the same for
 any P.
 Order and sampling depend only on the seed and the position in the stream, and the grain iterator's state
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 
 from sajax import batch as batch_lib
-from sajax import sharding
+from sajax import distributed, packing, sharding
 from sajax import tokenizer as tokenizer_lib
 from sajax.alignment_data import GroupSource
 
@@ -127,7 +128,7 @@ class ReferenceLogps:
 
 def train_dataset(source: GroupSource, encoder: GroupEncoder, *, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1, reference: ReferenceLogps | None = None,
-                  read_threads: int = 4) -> grain.IterDataset:
+                  read_threads: int = 4, packer: packing.Packer | None = None) -> grain.IterDataset:
     """Endless stream of this process's share of each global batch of `batch_size` groups.
 
     The global stream is the same for any number of processes: every record, reshuffled each epoch, with fresh
@@ -146,14 +147,14 @@ def train_dataset(source: GroupSource, encoder: GroupEncoder, *, batch_size: int
                .shuffle(seed=seed)
                .repeat(None)
                .random_map(encode, seed=seed + 1)
-               .batch(local, drop_remainder=True, batch_fn=stack)  # lazy: only this process's rows are encoded
+               .batch(local, drop_remainder=True, batch_fn=packer or stack)  # lazy: only this process's rows
                .slice(slice(process_index, None, process_count)))
     return dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * local))
 
 
 def eval_batches(source: GroupSource, encoder: GroupEncoder, *, batch_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1,
-                 reference: ReferenceLogps | None = None) -> Iterator[dict]:
+                 process_index: int = 0, process_count: int = 1, reference: ReferenceLogps | None = None,
+                 packer: packing.Packer | None = None) -> Iterator[dict]:
     """One pass over the split in order, in global batches of `batch_size` groups of which this process yields
     its rows [p·b, (p+1)·b), b = batch_size / P (as `train_dataset`); the same response sample every time (seeded
     by the record index); the last global batch is padded with invalid groups. The global batches do not depend
@@ -168,7 +169,7 @@ def eval_batches(source: GroupSource, encoder: GroupEncoder, *, batch_size: int,
             chosen = sample_responses(len(group["responses"]), encoder.num_comp, rng)
             elements.append(encoder.encode(group, chosen, None if reference is None else reference[index]))
         elements += [encoder.empty()] * (local - len(elements))
-        yield stack(elements)
+        yield (packer or stack)(elements)
 
 
 def rows_per_process(batch_size: int, process_count: int) -> int:
@@ -190,7 +191,22 @@ def process_block(mesh: jax.sharding.Mesh, batch_size: int) -> int:
     return rows[0] // local
 
 
+def make_packer(encoder: GroupEncoder, mesh: jax.sharding.Mesh, batch_size: int, micro_batches: int,
+                row_len: int, replicated: bool = False) -> packing.Packer:
+    """The `packing.Packer` of this process's share of global batches of `batch_size` groups on `mesh`, which
+    packs each batch shard's groups into that shard's rows (`replicated`: every process packs the whole batch)."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if replicated:
+        return packing.Packer(row_len, encoder.num_comp, encoder.pad_id, blocks=shards, micro_batches=micro_batches)
+    local = rows_per_process(batch_size, jax.process_count())
+    return packing.Packer(row_len, encoder.num_comp, encoder.pad_id, blocks=local // (batch_size // shards),
+                          micro_batches=micro_batches, group_offset=process_block(mesh, batch_size) * local)
+
+
 def to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-    """Per-process numpy batch → global jax.Arrays split over the mesh's batch axes."""
+    """Per-process numpy batch → global jax.Arrays split over the mesh's batch axes. A packed batch (`Packer`
+    output) is first laid out with as many rows per shard as the fullest shard of any process needs."""
+    if packing.is_packed(batch):
+        batch = packing.flatten(batch, distributed.max_over_processes(packing.rows_of(batch)))
     return {key: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, value.ndim), value)
             for key, value in batch.items()}

@@ -50,22 +50,21 @@ def unrolled_loops():
         UNROLL_LOOPS.reset(token)
 
 
-def response_token_nll(hidden: Array, output_weights: Array, tokens: Array, loss_mask: Array,
-                       chunk_size: int) -> Ratio:
-    """NLL of each sequence's masked tokens: total Σ_t mask_t · (logsumexp(h_{t−1}·W) − (h_{t−1}·W)[token_t]) [N]
-    and count Σ_t mask_t [N] (`.value` is the mean per-token NLL).
+def token_nll(hidden: Array, output_weights: Array, tokens: Array, chunk_size: int) -> Array:
+    """Next-token NLL at every position: nll[n, t] = logsumexp(h_t·W) − (h_t·W)[token_{t+1}]  [N, T−1].
 
-    hidden [N,T,D] (final, normed), output_weights [D,V], tokens/loss_mask [N,T]. The projection, log-softmax
-    and target pick run over sequence chunks of `chunk_size` positions inside a rematerialised `lax.scan`: the
-    forward and the backward hold one [N, chunk, V] float32 block at a time (with a single chunk, its logits
-    are kept for the backward instead of recomputed)."""
+    hidden [N,T,D] (final, normed), output_weights [D,V], tokens [N,T]. The projection, log-softmax and target
+    pick run over sequence chunks of `chunk_size` positions inside a rematerialised `lax.scan`: the forward and
+    the backward hold one [N, chunk, V] float32 block at a time (with a single chunk, its logits are kept for
+    the backward instead of recomputed). The target is picked with a one-hot product, whose backward is dense (a
+    gather's backward is a scatter, slow on XLA:CPU)."""
     n, t, d = hidden.shape
-    hidden, targets, weights = hidden[:, :-1], tokens[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
+    hidden, targets = hidden[:, :-1], tokens[:, 1:]
     chunk = max(1, min(chunk_size, t - 1))
     chunks = -(-(t - 1) // chunk)
     pad = chunks * chunk - (t - 1)
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets, weights = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(weights, ((0, 0), (0, pad)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
     as_chunks = lambda x: jnp.moveaxis(x.reshape(n, chunks, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
 
     def chunk_nll(h, target):  # [N,C,D], [N,C] → [N,C]
@@ -74,17 +73,32 @@ def response_token_nll(hidden: Array, output_weights: Array, tokens: Array, loss
         return jax.nn.logsumexp(logits, axis=-1) - picked
 
     if chunks == 1:  # the whole sequence in one block: keep its logits for the backward, nothing to bound
-        nll = chunk_nll(hidden, targets)
-        return Ratio(jnp.sum(nll * weights, axis=-1), jnp.sum(weights, axis=-1))
+        return chunk_nll(hidden, targets)[:, :t - 1]
     chunk_nll = jax.checkpoint(chunk_nll)  # recompute each block's logits in the backward
+    _, nll = jax.lax.scan(lambda carry, xs: (carry, chunk_nll(*xs)), None, (as_chunks(hidden), as_chunks(targets)),
+                          unroll=UNROLL_LOOPS.get())  # [chunks, N, C]
+    return jnp.moveaxis(nll, 0, 1).reshape(n, chunks * chunk)[:, :t - 1]
 
-    def body(total, xs):
-        h, target, w = xs
-        return total + jnp.sum(chunk_nll(h, target) * w, axis=-1), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((n,), jnp.float32),
-                            (as_chunks(hidden), as_chunks(targets), as_chunks(weights)), unroll=UNROLL_LOOPS.get())
-    return Ratio(total, jnp.sum(weights, axis=-1))
+def response_token_nll(hidden: Array, output_weights: Array, tokens: Array, loss_mask: Array,
+                       chunk_size: int) -> Ratio:
+    """NLL of each sequence's masked tokens: total Σ_t mask_t · (logsumexp(h_{t−1}·W) − (h_{t−1}·W)[token_t]) [N]
+    and count Σ_t mask_t [N] (`.value` is the mean per-token NLL); shapes and chunking as `token_nll`."""
+    weights = loss_mask[:, 1:].astype(jnp.float32)
+    nll = token_nll(hidden, output_weights, tokens, chunk_size)
+    return Ratio(jnp.sum(nll * weights, axis=-1), jnp.sum(weights, axis=-1))
+
+
+def packed_response_nll(hidden: Array, output_weights: Array, tokens: Array, loss_mask: Array,
+                        response_index: Array, num_responses: int, chunk_size: int) -> Ratio:
+    """Per-response NLL sums and token counts [num_responses] of packed rows (`sajax.packing`): the NLL of token
+    t (predicted from t−1) goes to response `response_index[t]` where `loss_mask[t]`.
+    hidden [R,L,D], tokens/loss_mask/response_index [R,L]."""
+    weights = loss_mask[:, 1:].astype(jnp.float32).reshape(-1)
+    index = response_index[:, 1:].reshape(-1)
+    nll = token_nll(hidden, output_weights, tokens, chunk_size).reshape(-1)
+    total = jax.ops.segment_sum(nll * weights, index, num_segments=num_responses)
+    return Ratio(total, jax.ops.segment_sum(weights, index, num_segments=num_responses))
 
 
 class LossSums(NamedTuple):

@@ -303,7 +303,7 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array, key_mask: Array, cache: KVCache | None = None,
-                 cache_index: Array | int = 0, return_hidden: bool = False):
+                 cache_index: Array | int = 0, return_hidden: bool = False, mask: Array | None = None):
         c = self.config
         dtype = _dtype(c.dtype)
         embedding = _param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"),
@@ -313,7 +313,8 @@ class Llama(nn.Module):
         table = _constrain(embedding, ("vocab", None))
         x = jnp.take(table, input_ids, axis=0).astype(dtype)  # [B,T,D]
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        mask = attention_mask(key_mask, input_ids.shape[1], cache_index)  # [B,T,S]
+        if mask is None:  # else a given [B,T,S] mask (packed rows: `packed_attention_mask`)
+            mask = attention_mask(key_mask, input_ids.shape[1], cache_index)  # [B,T,S]
         cache_index = jnp.asarray(cache_index, jnp.int32)
 
         layer_cls = _layer_class(c)
@@ -369,6 +370,24 @@ def hidden_states(config: LlamaConfig, params, input_ids: Array, attention_mask:
     """Final normed hidden states [B,T,D] (right padding; positions from the mask)."""
     hidden, _ = Llama(config).apply({"params": params}, input_ids, positions_from_mask(attention_mask),
                                     attention_mask, return_hidden=True)
+    return hidden
+
+
+def packed_attention_mask(segment_ids: Array, span_ids: Array) -> Array:
+    """[B,T] segment and span ids of packed rows (`sajax.packing`) → [B,T,T] boolean: key s visible to query t iff
+    s <= t, both in the same segment (≠ 0), and s is a prompt token (span 0) or in t's span."""
+    t = segment_ids.shape[1]
+    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T(query), S(key)]
+    same_segment = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    shared = (span_ids[:, None, :] == 0) | (span_ids[:, :, None] == span_ids[:, None, :])
+    return causal[None] & same_segment & shared
+
+
+def packed_hidden_states(config: LlamaConfig, params, tokens: Array, positions: Array, segment_ids: Array,
+                         span_ids: Array) -> Array:
+    """Final normed hidden states [B,T,D] of packed rows (`sajax.packing`)."""
+    hidden, _ = Llama(config).apply({"params": params}, tokens, positions, segment_ids > 0, return_hidden=True,
+                                    mask=packed_attention_mask(segment_ids, span_ids))
     return hidden
 
 

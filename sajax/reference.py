@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sajax import batch as batch_lib
-from sajax import distributed, fileutil, input_pipeline, sharding
+from sajax import distributed, fileutil, input_pipeline, packing, sharding
 from sajax.input_pipeline import ReferenceLogps
 from sajax.train_step import response_nll
 
@@ -23,29 +23,41 @@ FILE = "reference_logp.npz"
 
 
 def compute(params, config, encoder: input_pipeline.GroupEncoder, source, mesh, *, batch_size: int,
-            chunk_size: int) -> ReferenceLogps:
-    """Summed log p(response | prompt) of every response (same tokenization and truncation as training)."""
-    single = dataclasses.replace(encoder, num_comp=1)
-    fields = ("tokens", "attention_mask", "loss_mask")
-    shardings = batch_lib.shardings(mesh, fields)
+            chunk_size: int, pack_len: int = 0) -> ReferenceLogps:
+    """Summed log p(response | prompt) of every response (same tokenization and truncation as training), in
+    batches of `batch_size` rows of one response each; with `pack_len`, in packed batches (`sajax.packing`) of
+    `batch_size` groups of up to `encoder.num_comp` responses of a record each, its prompt computed once."""
+    per_group = encoder.num_comp if pack_len else 1
+    grouped = dataclasses.replace(encoder, num_comp=per_group)
+    packer = input_pipeline.make_packer(grouped, mesh, batch_size, 1, pack_len, replicated=True) if pack_len else None
+    fields = tuple(batch_lib.PACKED_FIELDS) if pack_len else ("tokens", "attention_mask", "loss_mask")
+    shardings = batch_lib.shardings(mesh, fields, packed=bool(pack_len))
     score = jax.jit(functools.partial(_logp, config=config, chunk_size=chunk_size),
                     in_shardings=(sharding.param_shardings(config, mesh), shardings),
                     out_shardings=sharding.replicated(mesh))  # every process reads every value
-    counts, values, pending = [], [], []
+    counts, values, pending, sizes = [], [], [], []
 
     def flush():
-        rows = pending + [single.empty()] * (batch_size - len(pending))
-        batch = {key: np.stack([row[key] for row in rows]) for key in fields}
+        groups = pending + [grouped.empty()] * (batch_size - len(pending))
+        if packer is None:
+            batch = {key: np.stack([group[key] for group in groups]) for key in fields}
+        else:
+            packed = packer(groups)
+            batch = packing.flatten(packed, packing.rows_of(packed))
         # every process computes the same rows (replicated input): reference scoring is a one-off
-        logp = jax.device_get(score(params, {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}))
-        values.extend(logp[:len(pending)].tolist())
+        logp = jax.device_get(score(params, {k: jax.device_put(batch[k], shardings[k]) for k in fields}))
+        for row, size in zip(logp, sizes):
+            values.extend(row[:size].tolist())
         pending.clear()
+        sizes.clear()
 
     for record in tqdm(range(len(source)), desc="reference log-probs", disable=not distributed.is_main()):
         group = source[record]  # decoded once, all its responses scored
         counts.append(len(group["responses"]))
-        for k in range(counts[-1]):
-            pending.append(single.encode(group, [k]))
+        for first in range(0, counts[-1], per_group):
+            chosen = list(range(first, min(first + per_group, counts[-1])))
+            pending.append(grouped.encode(group, chosen))
+            sizes.append(len(chosen))
             if len(pending) == batch_size:
                 flush()
     if pending:
@@ -54,7 +66,7 @@ def compute(params, config, encoder: input_pipeline.GroupEncoder, source, mesh, 
 
 
 def _logp(params, batch, *, config, chunk_size):
-    return -response_nll(config, params, batch, chunk_size).total[:, 0]
+    return -response_nll(config, params, batch, chunk_size).total  # [B, K]
 
 
 def load(path: Path, sources) -> list[ReferenceLogps]:
@@ -75,11 +87,11 @@ def load(path: Path, sources) -> list[ReferenceLogps]:
 
 
 def compute_and_save(path: Path, params, config, encoder, sources, mesh, *, batch_size: int,
-                     chunk_size: int) -> list[ReferenceLogps]:
+                     chunk_size: int, pack_len: int = 0) -> list[ReferenceLogps]:
     """The reference log-probs of each source under `params` (the initial model), written atomically to
     `path` (process 0)."""
-    refs = [compute(params, config, encoder, source, mesh, batch_size=batch_size, chunk_size=chunk_size)
-            for source in sources]
+    refs = [compute(params, config, encoder, source, mesh, batch_size=batch_size, chunk_size=chunk_size,
+                    pack_len=pack_len) for source in sources]
     if distributed.is_main():
         with fileutil.replace_file(path) as tmp:
             np.savez(tmp, **{f"offsets_{i}": r.offsets for i, r in enumerate(refs)},

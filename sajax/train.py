@@ -65,6 +65,8 @@ def check_config(cfg) -> None:
                          f"({train.grad_accum_steps}) × processes ({jax.process_count()})")
     if train.rating_scale <= 0:
         raise ValueError(f"train.rating_scale must be > 0, got {train.rating_scale}")
+    if cfg.data.pack_len and cfg.data.pack_len < cfg.data.max_len:
+        raise ValueError(f"data.pack_len must be 0 or >= data.max_len ({cfg.data.max_len}), got {cfg.data.pack_len}")
     if cfg.checkpoint.every < 1 or cfg.checkpoint.keep < 1:
         raise ValueError(f"checkpoint.every and checkpoint.keep must be >= 1, got {cfg.checkpoint.every}, "
                          f"{cfg.checkpoint.keep}")
@@ -169,6 +171,11 @@ def prepare(cfg, workdir: Path) -> Setup:
         reference = reference_lib.load(reference_file, [s for s in sources if s is not None])
     return Setup(cfg, workdir, config, tok, mesh, steps, tx, schedule, shardings, encoder, sources, demo,
                  reference)
+
+
+def pack_len(cfg) -> int:
+    """Tokens per packed row: `data.pack_len`, or 2 × data.max_len when 0."""
+    return cfg.data.pack_len or 2 * cfg.data.max_len
 
 
 PROMPT_FORMATS = ("auto", "query", "chat")
@@ -280,19 +287,22 @@ def _train(setup: Setup) -> dict:
         stack.enter_context(sharding.activation_rules(mesh))
         ckpt = stack.enter_context(checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep,
                                                            every=cfg.checkpoint.every))
-        train_step = ts.make_train_step(config, cfg.train, tx, setup.schedule, mesh, shardings)
-        eval_step = ts.make_eval_step(config, cfg.train.loss_chunk_size, mesh, shardings.params)
+        packed = cfg.data.packing
+        train_step = ts.make_train_step(config, cfg.train, tx, setup.schedule, mesh, shardings, packed=packed)
+        eval_step = ts.make_eval_step(config, cfg.train.loss_chunk_size, mesh, shardings.params, packed=packed)
         reference = setup.reference
         if cfg.train.objective == "dpo" and reference is None:  # log-probs of the *initial* model, once
             reference = reference_lib.compute_and_save(
                 workdir / reference_lib.FILE, initial_params(cfg, config, shardings.params), config,
                 setup.encoder, [s for s in setup.sources if s is not None], mesh, batch_size=micro_batch,
-                chunk_size=cfg.train.loss_chunk_size)
+                chunk_size=cfg.train.loss_chunk_size, pack_len=pack_len(cfg) if packed else 0)
         data = input_pipeline.train_dataset(
             train_source, setup.encoder, batch_size=cfg.train.batch_size, seed=cfg.seed,
             process_index=input_pipeline.process_block(mesh, cfg.train.batch_size),
             process_count=jax.process_count(), reference=None if reference is None else reference[0],
-            read_threads=cfg.data.read_threads)
+            read_threads=cfg.data.read_threads,
+            packer=input_pipeline.make_packer(setup.encoder, mesh, cfg.train.batch_size, cfg.train.grad_accum_steps,
+                                              pack_len(cfg)) if packed else None)
         iterator = iter(data)
         try:
             restored = ckpt.restore_latest(ts.abstract_state(config, tx, shardings))
@@ -321,7 +331,9 @@ def _evaluator(eval_step, source, encoder, cfg, mesh, batch_size, reference):
         batches = input_pipeline.eval_batches(
             source, encoder, batch_size=batch_size, seed=cfg.seed,
             process_index=input_pipeline.process_block(mesh, batch_size), process_count=jax.process_count(),
-            reference=reference)
+            reference=reference,
+            packer=input_pipeline.make_packer(encoder, mesh, batch_size, 1, pack_len(cfg)) if cfg.data.packing
+            else None)
         for i, batch in enumerate(batches):
             if cfg.eval_max_batches and i >= cfg.eval_max_batches:
                 break

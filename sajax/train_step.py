@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from sajax import batch as batch_lib
-from sajax import losses, model, sharding
+from sajax import losses, model, packing, sharding
 from sajax.config import LlamaConfig
 
 
@@ -75,7 +75,15 @@ def abstract_state(config: LlamaConfig, tx, shardings: TrainState | None = None)
 
 
 def response_nll(config: LlamaConfig, params, batch: dict, chunk_size: int) -> losses.Ratio:
-    """Per-response NLL sums and token counts [B, K] of a batch whose token arrays are [B, K, T]."""
+    """Per-response NLL sums and token counts [B, K] of a batch whose token arrays are [B, K, T], or of packed
+    rows [R, L] (`sajax.packing`) with group fields [B, K]."""
+    if packing.is_packed(batch):
+        b, k = batch["scores"].shape
+        hidden = model.packed_hidden_states(config, params, batch["tokens"], batch["positions"],
+                                            batch["segment_ids"], batch["span_ids"])
+        nll = losses.packed_response_nll(hidden, model.output_weights(config, params), batch["tokens"],
+                                         batch["loss_mask"], batch["response_index"], b * k, chunk_size)
+        return losses.Ratio(nll.total.reshape(b, k), nll.count.reshape(b, k))
     b, k, t = batch["tokens"].shape
     flat = lambda x: x.reshape(b * k, t)  # noqa: E731
     hidden = model.hidden_states(config, params, flat(batch["tokens"]), flat(batch["attention_mask"]))
@@ -133,9 +141,11 @@ def train_step(state: TrainState, batch: dict, *, config: LlamaConfig, train_cfg
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def make_train_step(config: LlamaConfig, train_cfg, tx, schedule, mesh, shardings: TrainState):
+def make_train_step(config: LlamaConfig, train_cfg, tx, schedule, mesh, shardings: TrainState,
+                    packed: bool = False):
+    """The jitted step for padded batches, or for packed ones (`sajax.packing`; one compile per row count)."""
     step = functools.partial(train_step, config=config, train_cfg=train_cfg, tx=tx, schedule=schedule)
-    return jax.jit(step, in_shardings=(shardings, batch_lib.shardings(mesh)),
+    return jax.jit(step, in_shardings=(shardings, batch_lib.shardings(mesh, packed=packed)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
@@ -147,6 +157,7 @@ def eval_sums(params, batch: dict, *, config: LlamaConfig, chunk_size: int) -> d
     return {"ranking_accuracy": metrics["ranking_accuracy"], "best_response_nll": metrics["sft"]}
 
 
-def make_eval_step(config: LlamaConfig, chunk_size: int, mesh, params_sharding):
+def make_eval_step(config: LlamaConfig, chunk_size: int, mesh, params_sharding, packed: bool = False):
     return jax.jit(functools.partial(eval_sums, config=config, chunk_size=chunk_size),
-                   in_shardings=(params_sharding, batch_lib.shardings(mesh)), out_shardings=sharding.replicated(mesh))
+                   in_shardings=(params_sharding, batch_lib.shardings(mesh, packed=packed)),
+                   out_shardings=sharding.replicated(mesh))

@@ -151,7 +151,8 @@ def test_four_processes_train_like_one_process_on_four_devices(society, tmp_path
     dataset.build(store.read_records(society), tmp_path / "data")
     flags = [f"--config.data.path={tmp_path / 'data'}", "--config.train.steps=10", "--config.train.batch_size=4",
              "--config.checkpoint.every=10", "--config.log_every=2", "--config.eval_every=0",
-             "--config.mesh.data=2", "--config.mesh.fsdp=2"]
+             "--config.mesh.data=2", "--config.mesh.fsdp=2",
+             "--config.data.packing=true"]  # packed rows: each shard's groups in its own rows, on any process count
     reference = _single("sajax-train", f"--workdir={tmp_path / 'one'}", *flags, devices=4)
     assert reference.returncode == 0, reference.stderr
     job = Job(tmp_path / "logs", "four", 4, "sajax-train", f"--workdir={tmp_path / 'four'}", *flags)

@@ -286,8 +286,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_dpo_reference_logprobs_come_from_the_initial_model_once(tmp_path):
-    cfg = tiny_config(**{"train.objective": "dpo", "train.steps": 3, "eval_every": 0, "checkpoint.every": 3})
-    train.run(cfg, tmp_path / "wd")
+    """With shared-prompt packing (data.packing): reference log-probs, train and eval steps on packed rows."""
+    overrides = {"train.objective": "dpo", "train.steps": 3, "eval_every": 0, "checkpoint.every": 3,
+                 "data.packing": True}
+    cfg = tiny_config(**overrides)
+    final = train.run(cfg, tmp_path / "wd")
+    assert 0 <= final["ranking_accuracy"] <= 1 and final["groups"] == 64  # the packed evaluation saw every group
     path = tmp_path / "wd" / "reference_logp.npz"
     stamp = path.stat().st_mtime_ns
     config = LlamaConfig.from_dict(cfg.model)
@@ -306,7 +310,7 @@ def test_dpo_reference_logprobs_come_from_the_initial_model_once(tmp_path):
         logprobs = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
         expected = sum(float(logprobs[j - 1, tokens[j]]) for j in range(start, len(tokens)))
         assert abs(values[offsets[2] + k] - expected) <= 1e-4
-    cfg_resume = tiny_config(**{"train.objective": "dpo", "train.steps": 3, "eval_every": 0, "checkpoint.every": 3})
+    cfg_resume = tiny_config(**overrides)
     train.run(cfg_resume, tmp_path / "wd")
     assert path.stat().st_mtime_ns == stamp  # not recomputed on resume
 
