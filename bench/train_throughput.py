@@ -7,7 +7,18 @@
 Same model, same sequence length T and responses per group K, fp32, this machine's CPU, one run. Tokens counted
 as processed positions (groups × K × T). MFU = model FLOPs (6·N + attention) / the measured fp32 matmul peak.
 
+Dataset mode (`--data PATH`, repeatable: a TFDS alignment dataset such as `sajax-sim-dataset`'s output, or a
+release-format JSON/JSONL file): the real length distribution of that data, tokenized by SmolLM2's tokenizer
+(the `small` model below with its vocabulary; `--groups` per step, default 32 as `configs/original_readme.py`),
+through the real input pipeline and train step, padded
+(`sajax.batch`) vs packed (`sajax.packing`, data.packing), the same batches in both. Reported per layout: useful
+tokens per step (each group's prompt once + its responses: no padding, no repeated prompt), the share of
+computed positions that are padding and repeated prompts, and useful tokens/s (time per step: the median over
+a second pass over the same batches, the two layouts alternating step by step, after a first pass that compiled
+every shape).
+
     python bench/train_throughput.py            # both configs below; needs the test extra (torch)
+    python bench/train_throughput.py --data /tmp/society-data [--data release.jsonl] [--max-len 256]
 """
 
 import argparse
@@ -19,8 +30,10 @@ import numpy as np
 import torch
 import transformers
 
+from sajax import alignment_data, known_models, packing
 from sajax import batch as batch_lib
-from sajax import hf, input_pipeline, metrics, sharding
+from sajax import hf, input_pipeline, metrics, model, sharding
+from sajax import tokenizer as tokenizer_lib
 from sajax import train_step as ts
 from sajax.config import LlamaConfig
 from sajax.config_files import load_module
@@ -106,14 +119,102 @@ def run_torch_reference(torch_model, batch, steps):
     return (time.perf_counter() - start) / steps
 
 
+def useful_tokens(groups: dict) -> int:
+    """Σ over groups of (longest kept prompt + every response's tokens) of a padded batch ([B, K, T] arrays)."""
+    length = groups["attention_mask"].sum(-1)  # [B, K]
+    response = groups["loss_mask"].sum(-1)
+    prompt = np.where(groups["valid"], length - response, 0)
+    return int(prompt.max(-1).sum() + response.sum())
+
+
+def dataset_mode(args, path: str):
+    tok = tokenizer_lib.load_tokenizer(known_models.resolve("SmolLM2-135M-Instruct"))
+    hf_kwargs, _ = CONFIGS["small (4 layers, hidden 256, vocab 8k)"]
+    groups_per_step = args.groups
+    config = LlamaConfig.from_hf_dict(dict(transformers.LlamaConfig(**{**hf_kwargs, "vocab_size": len(tok)},
+                                                                    max_position_embeddings=args.max_len)
+                                           .to_dict()))
+    source = alignment_data.GroupSource(path, "train")
+    encoder = input_pipeline.GroupEncoder(tok, args.max_len, args.max_len // 2, args.k,
+                                          chat=tokenizer_lib.has_chat_template(tok))
+    cfg = train_cfg(groups_per_step, args.max_len, args.chunk)
+    mesh = sharding.make_mesh()
+    params = model.init_params(config, 0)
+    padded = list(_batches(source, encoder, groups_per_step, args.data_steps, None))
+    packer = input_pipeline.make_packer(encoder, mesh, groups_per_step, 1, args.pack_len or args.k * args.max_len)
+    packed = list(_batches(source, encoder, groups_per_step, args.data_steps, packer))
+    useful = sum(useful_tokens(b) for b in padded)
+    real = sum(int(b["attention_mask"].sum()) for b in padded)
+    positions = sum(b["tokens"].size for b in padded)
+    packed_positions = sum(b["tokens"].size for b in packed)
+    packed_real = sum(packing.useful_tokens(b) for b in packed)
+    print(f"\n{path} [train]: {len(source)} groups; {args.data_steps} steps of {groups_per_step} groups, K={args.k}, "
+          f"max_len {args.max_len}, pack_len {args.pack_len or args.k * args.max_len}; "
+          f"{config.num_params() / 1e6:.1f}M params (vocab {config.vocab_size})")
+    print(f"  useful tokens/step {useful / args.data_steps:.0f}; padded layout: {positions / args.data_steps:.0f} "
+          f"positions/step, {1 - real / positions:.1%} padding, {(real - useful) / positions:.1%} repeated prompts; "
+          f"packed: {packed_positions / args.data_steps:.0f} positions/step, "
+          f"{1 - packed_real / packed_positions:.1%} padding, {(packed_real - useful) / packed_positions:.1%} "
+          "repeated prompts (units split over rows)")
+    seconds = run_side_by_side(config, params, {"padded": padded, "packed": packed}, cfg, mesh)
+    results = {}
+    for name, per_step in seconds.items():
+        results[name] = useful / (per_step * args.data_steps)
+        print(f"  {name:7s} {per_step * 1e3:8.1f} ms/step   {results[name]:9.0f} useful tokens/s")
+    print(f"  ratio packed / padded (useful tokens/s): {results['packed'] / results['padded']:.2f}x")
+
+
+def _batches(source, encoder, groups, steps, packer):
+    data = input_pipeline.train_dataset(source, encoder, batch_size=groups, seed=0, read_threads=1, packer=packer)
+    iterator = iter(data)
+    return (next(iterator) for _ in range(steps))
+
+
+def run_side_by_side(config, params, layouts: dict, cfg, mesh) -> dict[str, float]:
+    """Median seconds per step of each layout's batches (name: list of batches, `packing.is_packed` or not). A
+    first pass compiles every shape; then the layouts alternate step by step over the same batches, so that
+    both see the same machine load."""
+    tx = ts.make_optimizer(cfg.optimizer, 1000, config)
+    schedule = ts.learning_rate_schedule(cfg.optimizer, 1000)
+    shardings = ts.state_shardings(config, tx, mesh)
+    runs = {}
+    with sharding.activation_rules(mesh):
+        for name, batches in layouts.items():
+            step = ts.make_train_step(config, cfg.train, tx, schedule, mesh, shardings,
+                                      packed=packing.is_packed(batches[0]))
+            arrays = [input_pipeline.to_global(b, mesh) for b in batches]
+            state = ts.init_state(params, tx, shardings)
+            for batch in arrays:  # compile every shape
+                state, out = step(state, batch)
+            jax.block_until_ready(out)
+            runs[name] = [step, state, arrays, []]
+        for i in range(len(next(iter(layouts.values())))):
+            for run in runs.values():
+                step, state, arrays, times = run
+                start = time.perf_counter()
+                run[1], out = step(state, arrays[i])
+                jax.block_until_ready(out)
+                times.append(time.perf_counter() - start)
+    return {name: float(np.median(run[3])) for name, run in runs.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", action="append", help="dataset mode: a TFDS dataset or release-format file")
+    parser.add_argument("--max-len", type=int, default=256, help="dataset mode: data.max_len")
+    parser.add_argument("--pack-len", type=int, default=0, help="dataset mode: data.pack_len (0: K × max_len)")
+    parser.add_argument("--groups", type=int, default=32, help="dataset mode: groups per step")
+    parser.add_argument("--data-steps", type=int, default=4, help="dataset mode: steps (batches) measured")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=16,
                         help="train.loss_chunk_size: on CPU, small blocks of logits stay in cache (fastest here)")
     args = parser.parse_args()
+    if args.data:
+        for path in args.data:
+            dataset_mode(args, path)
+        return
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     peak = metrics.measure_matmul_peak()
     print(f"{jax.devices()[0].platform}: {len(jax.devices())} device(s), torch threads {torch.get_num_threads()}; "

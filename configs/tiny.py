@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
         # auto: chat when the tokenizer has one
         drop_invalid_scores=False,  # True: train without responses whose score is outside 1..rating_scale
         packing=False,  # shared-prompt packing (sajax.packing): each prompt once per row, no padding in between
-        pack_len=0))  # tokens per packed row (>= max_len); 0: 2 × max_len
+        pack_len=0))  # tokens per packed row (>= max_len); 0: num_comp × max_len
     config.train = ml_collections.ConfigDict(dict(
         objective="stable_alignment",  # stable_alignment | sft | rrhf | dpo
         steps=200, batch_size=8, grad_accum_steps=1,  # batch_size: groups per optimizer step

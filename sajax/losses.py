@@ -50,42 +50,45 @@ def unrolled_loops():
         UNROLL_LOOPS.reset(token)
 
 
-def token_nll(hidden: Array, output_weights: Array, tokens: Array, chunk_size: int) -> Array:
+def token_nll(hidden: Array, output_weights: Array, tokens: Array, block: int) -> Array:
     """Next-token NLL at every position: nll[n, t] = logsumexp(h_t·W) − (h_t·W)[token_{t+1}]  [N, T−1].
 
-    hidden [N,T,D] (final, normed), output_weights [D,V], tokens [N,T]. The projection, log-softmax and target
-    pick run over sequence chunks of `chunk_size` positions inside a rematerialised `lax.scan`: the forward and
-    the backward hold one [N, chunk, V] float32 block at a time (with a single chunk, its logits are kept for
-    the backward instead of recomputed). The target is picked with a one-hot product, whose backward is dense (a
-    gather's backward is a scatter, slow on XLA:CPU)."""
+    hidden [N,T,D] (final, normed), output_weights [D,V], tokens [N,T]. The N·T positions (row by row) are
+    projected, log-softmaxed and picked in blocks of `block` positions inside a rematerialised `lax.scan`: the
+    forward and the backward hold one [block, V] float32 block of logits at a time (with a single block, its
+    logits are kept for the backward instead of recomputed). The target is picked with a one-hot product, whose
+    backward is dense (a gather's backward is a scatter, slow on XLA:CPU). The last position of a row predicts
+    nothing (its value is dropped)."""
     n, t, d = hidden.shape
-    hidden, targets = hidden[:, :-1], tokens[:, 1:]
-    chunk = max(1, min(chunk_size, t - 1))
-    chunks = -(-(t - 1) // chunk)
-    pad = chunks * chunk - (t - 1)
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    as_chunks = lambda x: jnp.moveaxis(x.reshape(n, chunks, chunk, *x.shape[2:]), 1, 0)  # noqa: E731
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).reshape(-1)  # [N·T]: position t's target is token t+1
+    hidden = hidden.reshape(n * t, d)
+    blocks = -(-(n * t) // max(1, block))
+    block = -(-(n * t) // blocks)  # the same number of blocks, evened out: at most blocks − 1 padding positions
+    pad = blocks * block - n * t
+    hidden, targets = jnp.pad(hidden, ((0, pad), (0, 0))), jnp.pad(targets, (0, pad))
 
-    def chunk_nll(h, target):  # [N,C,D], [N,C] → [N,C]
-        logits = (h.reshape(-1, d) @ output_weights).astype(jnp.float32).reshape(n, chunk, -1)
-        picked = jnp.einsum("ncv,ncv->nc", logits, jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype))
+    def block_nll(h, target):  # [C,D], [C] → [C]
+        logits = (h @ output_weights).astype(jnp.float32)
+        picked = jnp.einsum("cv,cv->c", logits, jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype))
         return jax.nn.logsumexp(logits, axis=-1) - picked
 
-    if chunks == 1:  # the whole sequence in one block: keep its logits for the backward, nothing to bound
-        return chunk_nll(hidden, targets)[:, :t - 1]
-    chunk_nll = jax.checkpoint(chunk_nll)  # recompute each block's logits in the backward
-    _, nll = jax.lax.scan(lambda carry, xs: (carry, chunk_nll(*xs)), None, (as_chunks(hidden), as_chunks(targets)),
-                          unroll=UNROLL_LOOPS.get())  # [chunks, N, C]
-    return jnp.moveaxis(nll, 0, 1).reshape(n, chunks * chunk)[:, :t - 1]
+    if blocks == 1:  # everything in one block: keep its logits for the backward, nothing to bound
+        nll = block_nll(hidden, targets)
+    else:
+        block_nll = jax.checkpoint(block_nll)  # recompute each block's logits in the backward
+        _, nll = jax.lax.scan(lambda carry, xs: (carry, block_nll(*xs)), None,
+                              (hidden.reshape(blocks, block, d), targets.reshape(blocks, block)),
+                              unroll=UNROLL_LOOPS.get())  # [blocks, C]
+    return nll.reshape(-1)[:n * t].reshape(n, t)[:, :-1]
 
 
 def response_token_nll(hidden: Array, output_weights: Array, tokens: Array, loss_mask: Array,
                        chunk_size: int) -> Ratio:
     """NLL of each sequence's masked tokens: total Σ_t mask_t · (logsumexp(h_{t−1}·W) − (h_{t−1}·W)[token_t]) [N]
-    and count Σ_t mask_t [N] (`.value` is the mean per-token NLL); shapes and chunking as `token_nll`."""
+    and count Σ_t mask_t [N] (`.value` is the mean per-token NLL); shapes as `token_nll`, whose blocks hold
+    `chunk_size` positions of each of the N rows (N · chunk_size positions)."""
     weights = loss_mask[:, 1:].astype(jnp.float32)
-    nll = token_nll(hidden, output_weights, tokens, chunk_size)
+    nll = token_nll(hidden, output_weights, tokens, hidden.shape[0] * chunk_size)
     return Ratio(jnp.sum(nll * weights, axis=-1), jnp.sum(weights, axis=-1))
 
 
@@ -93,10 +96,11 @@ def packed_response_nll(hidden: Array, output_weights: Array, tokens: Array, los
                         response_index: Array, num_responses: int, chunk_size: int) -> Ratio:
     """Per-response NLL sums and token counts [num_responses] of packed rows (`sajax.packing`): the NLL of token
     t (predicted from t−1) goes to response `response_index[t]` where `loss_mask[t]`.
-    hidden [R,L,D], tokens/loss_mask/response_index [R,L]."""
+    hidden [R,L,D], tokens/loss_mask/response_index [R,L]. `token_nll`'s blocks hold num_responses · chunk_size
+    positions: the block of the padded layout of the same groups, so `loss_chunk_size` bounds the same memory."""
     weights = loss_mask[:, 1:].astype(jnp.float32).reshape(-1)
     index = response_index[:, 1:].reshape(-1)
-    nll = token_nll(hidden, output_weights, tokens, chunk_size).reshape(-1)
+    nll = token_nll(hidden, output_weights, tokens, num_responses * chunk_size).reshape(-1)
     total = jax.ops.segment_sum(nll * weights, index, num_segments=num_responses)
     return Ratio(total, jax.ops.segment_sum(weights, index, num_segments=num_responses))
 

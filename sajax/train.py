@@ -174,8 +174,8 @@ def prepare(cfg, workdir: Path) -> Setup:
 
 
 def pack_len(cfg) -> int:
-    """Tokens per packed row: `data.pack_len`, or 2 × data.max_len when 0."""
-    return cfg.data.pack_len or 2 * cfg.data.max_len
+    """Tokens per packed row: `data.pack_len`, or num_comp × max_len when 0 (a whole group always fits a row)."""
+    return cfg.data.pack_len or cfg.data.num_comp * cfg.data.max_len
 
 
 PROMPT_FORMATS = ("auto", "query", "chat")
@@ -350,12 +350,14 @@ def _loop(setup: Setup, state, iterator, train_step, evaluate, ckpt, writer, sta
     """Steps start+1 … setup.steps. `log_window`: the metrics of the steps since the last log line (saved with
     each checkpoint, so a run resumed between two log steps logs the same means as an uninterrupted one)."""
     cfg, config, mesh, workdir, steps = setup.cfg, setup.config, setup.mesh, setup.workdir, setup.steps
-    tokens_per_step = cfg.train.batch_size * cfg.data.num_comp * cfg.data.max_len
-    flops_per_step = metrics_lib.train_flops_per_token(config, cfg.data.max_len) * tokens_per_step
+    # tokens/s and MFU count the positions a step computes: B·K·max_len padded, rows · pack_len packed
+    flops_per_token = metrics_lib.train_flops_per_token(config, pack_len(cfg) if cfg.data.packing
+                                                        else cfg.data.max_len)
+    positions = 0
     peak = metrics_lib.peak_flops_per_device(cfg.peak_flops)
     peak_total = None if peak is None else peak * jax.device_count()
     finite = jax.numpy.bool_(True)
-    pending, last_time, last_step = list(log_window), time.perf_counter(), start
+    pending, last_time = list(log_window), time.perf_counter()
     meta = {"model": config.to_hf_dict(), "seed": cfg.seed}
     bar = tqdm(total=steps, initial=start, desc="train", disable=not distributed.is_main(), dynamic_ncols=True)
 
@@ -370,6 +372,7 @@ def _loop(setup: Setup, state, iterator, train_step, evaluate, ckpt, writer, sta
 
     for step in range(start + 1, steps + 1):
         batch = input_pipeline.to_global(next(iterator), mesh)
+        positions += batch["tokens"].size
         state, step_metrics = train_step(state, batch)
         finite = finite & jax.numpy.isfinite(step_metrics["loss"]) & jax.numpy.isfinite(step_metrics["grad_norm"])
         pending.append(step_metrics)
@@ -378,17 +381,17 @@ def _loop(setup: Setup, state, iterator, train_step, evaluate, ckpt, writer, sta
             now = time.perf_counter()
             logged = window()
             scalars = {k: float(np.mean([m[k] for m in logged], dtype=np.float64)) for k in logged[-1]}
-            rate = tokens_per_step * (step - last_step) / (now - last_time)
+            rate = positions / (now - last_time)
             scalars["tokens_per_second"] = rate
             if peak_total:
-                scalars["mfu"] = flops_per_step / tokens_per_step * rate / peak_total
+                scalars["mfu"] = flops_per_token * rate / peak_total
             writer.write(step, scalars)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", rank_acc=f"{scalars['ranking_accuracy']:.3f}",
                             tok_s=f"{rate:.0f}", refresh=False)
-            pending, last_time, last_step = [], time.perf_counter(), step
+            pending, last_time, positions = [], time.perf_counter(), 0
         if cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
             writer.write(step, evaluate(state.params), prefix="eval")
-            last_time = time.perf_counter()
+            last_time, positions = time.perf_counter(), 0  # the rate of the steps after the evaluation
         if step % cfg.checkpoint.every == 0 or step == steps:
             guard(step)
             ckpt.save(step, state, iterator.get_state(), {**meta, "step": step, "log_window": window()},
