@@ -155,7 +155,7 @@ def dataset_mode(args, path: str):
           f"positions/step, {1 - real / positions:.1%} padding, {(real - useful) / positions:.1%} repeated prompts; "
           f"packed: {packed_positions / args.data_steps:.0f} positions/step, "
           f"{1 - packed_real / packed_positions:.1%} padding, {(packed_real - useful) / packed_positions:.1%} "
-          "repeated prompts (units split over rows)")
+          "repeated prompt tokens (each response span starts with the prompt's last token)")
     seconds = run_side_by_side(config, params, {"padded": padded, "packed": packed}, cfg, mesh)
     results = {}
     for name, per_step in seconds.items():

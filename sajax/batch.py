@@ -24,11 +24,9 @@ FIELDS = {  # name: (dtype, rank)
 }
 
 
-PACKED_FIELDS = {
-    **{name: (np.int32, 2) for name in ("tokens", "positions", "segment_ids", "span_ids", "loss_mask",
-                                        "response_index")},
-    **{name: FIELDS[name] for name in ("scores", "valid", "reference_logp")},
-}
+PACKED_ROW_FIELDS = ("tokens", "positions", "segment_ids", "span_ids", "loss_mask", "response_index")  # [R, L]
+GROUP_FIELDS = ("scores", "valid", "reference_logp")  # [B, K] in both layouts
+PACKED_FIELDS = {**{name: (np.int32, 2) for name in PACKED_ROW_FIELDS}, **{name: FIELDS[name] for name in GROUP_FIELDS}}
 
 
 def empty_group(num_comp: int, max_len: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -35,11 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
-from sajax.batch import PACKED_FIELDS
-
-ROW_FIELDS = tuple(name for name, (_, rank) in PACKED_FIELDS.items() if rank == 2 and name not in
-                   ("scores", "valid", "reference_logp"))
-GROUP_FIELDS = ("scores", "valid", "reference_logp")
+from sajax.batch import GROUP_FIELDS
+from sajax.batch import PACKED_ROW_FIELDS as ROW_FIELDS
 
 
 def is_packed(batch: dict) -> bool:

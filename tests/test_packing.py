@@ -96,28 +96,61 @@ def test_response_nll_equals_padded_layout(groups, encoder, params):
     np.testing.assert_allclose(packed.total, padded.total, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("objective, accumulate, blocks", [
-    ("stable_alignment", 1, 1), ("sft", 1, 1), ("rrhf", 1, 1), ("dpo", 1, 1), ("stable_alignment", 2, 2)])
-def test_loss_metrics_and_gradients_equal_padded_layout(groups, encoder, params, objective, accumulate, blocks):
-    """fp32; the NLLs differ only in summation order (rows of other lengths), ≈1e-7 relative."""
-    config, p = params
-    train_cfg = _train_cfg(objective, accumulate)
-    step = jax.jit(lambda params, batch: ts.accumulated_gradients(params, batch, config=config,
-                                                                  train_cfg=train_cfg))
-    grads_padded, sums_padded = step(p, input_pipeline.stack(groups))
-    grads_packed, sums_packed = step(p, _packed(groups, encoder, blocks=blocks, micro_batches=accumulate))
-    loss, metrics = losses.reduce(sums_packed)
-    loss_padded, metrics_padded = losses.reduce(sums_padded)
-    assert float(sums_packed.loss.count) == float(sums_padded.loss.count) > 0
+def _assert_grads_equal(got, expected_tree):
+    for (path, g), expected in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(expected_tree)):
+        expected = np.asarray(expected)
+        np.testing.assert_allclose(g, expected, rtol=0, atol=1e-5 * np.abs(expected).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def _assert_sums_equal(packed, padded):
+    loss, metrics = losses.reduce(packed)
+    loss_padded, metrics_padded = losses.reduce(padded)
+    assert float(packed.loss.count) == float(padded.loss.count) > 0
     np.testing.assert_allclose(loss, loss_padded, rtol=1e-5)
     assert metrics.keys() == metrics_padded.keys()
     for name in metrics:
         np.testing.assert_allclose(metrics[name], metrics_padded[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    for (path, g), expected in zip(jax.tree_util.tree_leaves_with_path(grads_packed),
-                                   jax.tree_util.tree_leaves(grads_padded)):
-        expected = np.asarray(expected)
-        np.testing.assert_allclose(g, expected, rtol=0, atol=1e-5 * np.abs(expected).max(),
-                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_every_objective_has_the_loss_metrics_and_gradient_of_the_padded_layout(groups, encoder, params):
+    """Every objective is a function of the per-response NLL sums, so ∇L = J_nllᵀ · ∂L/∂nll: one compiled VJP
+    of the NLLs per layout serves all four objectives (fp32; the NLLs differ only in summation order, ≈1e-7)."""
+    config, p = params
+    layouts = {"padded": input_pipeline.stack(groups), "packed": _packed(groups, encoder)}
+
+    @jax.jit
+    def nll_and_vjp(params, batch, cotangent):
+        nll, vjp = jax.vjp(lambda q: ts.response_nll(config, q, batch, 8).total, params)
+        return nll, ts.response_nll(config, params, batch, 8).count, vjp(cotangent)[0]
+
+    for objective in losses.OBJECTIVES:
+        train_cfg = _train_cfg(objective)
+        out = {}
+        for name, batch in layouts.items():
+            def total(nll_total, count, batch=batch):
+                sums = losses.objective(objective, losses.Ratio(nll_total, count), batch["scores"], batch["valid"],
+                                        batch["reference_logp"], rating_scale=train_cfg.rating_scale,
+                                        margin=train_cfg.margin, ratio=train_cfg.ratio, max_flow=train_cfg.max_flow,
+                                        dpo_beta=train_cfg.dpo_beta)
+                return sums.loss.total, sums
+            nll, count, _ = nll_and_vjp(p, batch, jnp.zeros((len(groups), encoder.num_comp)))
+            d_nll, sums = jax.grad(total, has_aux=True)(nll, count)
+            out[name] = (sums, nll_and_vjp(p, batch, d_nll)[2])
+        _assert_sums_equal(out["packed"][0], out["padded"][0])
+        _assert_grads_equal(out["packed"][1], out["padded"][1])
+
+
+def test_accumulated_step_on_device_blocks_equals_the_padded_layout(groups, encoder, params):
+    """The train step's own path: 2 micro-batches, groups packed per device block (2 blocks)."""
+    config, p = params
+    train_cfg = _train_cfg("stable_alignment", accumulate=2)
+    step = jax.jit(lambda params, batch: ts.accumulated_gradients(params, batch, config=config,
+                                                                  train_cfg=train_cfg))
+    grads_padded, sums_padded = step(p, input_pipeline.stack(groups))
+    grads_packed, sums_packed = step(p, _packed(groups, encoder, blocks=2, micro_batches=2))
+    _assert_sums_equal(sums_packed, sums_padded)
+    _assert_grads_equal(grads_packed, grads_padded)
 
 
 def test_eval_sums_equal_padded_layout(groups, encoder, params):
