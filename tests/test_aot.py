@@ -107,9 +107,11 @@ def test_costs_from_one_and_two_layers_equal_those_of_all_layers_unrolled():
     # other depths (measured: 96 of 6.4e8 FLOPs)
     assert extrapolated["flops"] == pytest.approx(unrolled["flops"], rel=1e-6)
     # memory traffic and XLA's time are not exactly additive: XLA fuses differently at the ends of a 1- or 2-layer
-    # step than between the layers of a 4-layer one (measured: +9% here, less the more layers there are)
+    # step than between the layers of a 4-layer one, which can only add to the extrapolation (measured: +9% with
+    # the full T×T attention; equal to 2e-6 with the blocked causal attention), up to the few element-wise
+    # operations that also make the FLOPs differ (the 1e-5 below)
     for key in ("bytes accessed", "optimal_seconds"):
-        assert unrolled[key] <= extrapolated[key] <= 1.15 * unrolled[key], key
+        assert (1 - 1e-5) * unrolled[key] <= extrapolated[key] <= 1.15 * unrolled[key], key
 
 
 def test_an_inconsistent_cost_analysis_predicts_nothing_and_says_why():
