@@ -32,7 +32,7 @@ import transformers
 
 from sajax import alignment_data, known_models, packing
 from sajax import batch as batch_lib
-from sajax import hf, input_pipeline, metrics, model, sharding
+from sajax import hf, input_pipeline, metrics, model, sharding, train
 from sajax import tokenizer as tokenizer_lib
 from sajax import train_step as ts
 from sajax.config import LlamaConfig
@@ -138,18 +138,20 @@ def dataset_mode(args, path: str):
     encoder = input_pipeline.GroupEncoder(tok, args.max_len, args.max_len // 2, args.k,
                                           chat=tokenizer_lib.has_chat_template(tok))
     cfg = train_cfg(groups_per_step, args.max_len, args.chunk)
+    cfg.data.update(num_comp=args.k, pack_len=args.pack_len)
+    row_len = train.pack_len(cfg)
     mesh = sharding.make_mesh()
     params = model.init_params(config, 0)
     padded = list(_batches(source, encoder, groups_per_step, args.data_steps, None))
-    packer = input_pipeline.make_packer(encoder, mesh, groups_per_step, 1, args.pack_len or args.k * args.max_len)
+    packer = input_pipeline.make_packer(encoder, mesh, groups_per_step, 1, row_len)
     packed = list(_batches(source, encoder, groups_per_step, args.data_steps, packer))
     useful = sum(useful_tokens(b) for b in padded)
     real = sum(int(b["attention_mask"].sum()) for b in padded)
     positions = sum(b["tokens"].size for b in padded)
     packed_positions = sum(b["tokens"].size for b in packed)
-    packed_real = sum(packing.useful_tokens(b) for b in packed)
+    packed_real = sum(packing.non_padding_tokens(b) for b in packed)
     print(f"\n{path} [train]: {len(source)} groups; {args.data_steps} steps of {groups_per_step} groups, K={args.k}, "
-          f"max_len {args.max_len}, pack_len {args.pack_len or args.k * args.max_len}; "
+          f"max_len {args.max_len}, pack_len {row_len}; "
           f"{config.num_params() / 1e6:.1f}M params (vocab {config.vocab_size})")
     print(f"  useful tokens/step {useful / args.data_steps:.0f}; padded layout: {positions / args.data_steps:.0f} "
           f"positions/step, {1 - real / positions:.1%} padding, {(real - useful) / positions:.1%} repeated prompts; "

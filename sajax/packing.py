@@ -23,7 +23,7 @@ Group fields, [B, K]: scores, valid, reference_logp (as `sajax.batch`).
 
 Rows are laid out so that the train step's micro-batch split and the mesh's batch split keep working: the groups
 a device holds in the padded layout (a contiguous block of the batch) are packed into that device's rows, and
-row j of micro-batch a is row j·A + a of the device's block, as group j·A + a is. `pack` returns the rows per
+row j of micro-batch a is row j·A + a of the device's block, as group j·A + a is. `Packer` returns the rows per
 (device block, micro-batch) as [blocks, A, rows, L]; `flatten` pads every block to the same number of rows
 (agreed across processes) and lays them out as [blocks · rows · A, L].
 """
@@ -76,18 +76,14 @@ def split_to_fit(unit: Unit, row_len: int) -> list[Unit]:
     response does not fit)."""
     pieces, current = [], []
     for response in unit.responses:
-        candidate = dataclasses.replace(unit, responses=tuple(current + [response]))
-        if candidate.length <= row_len:
-            current.append(response)
-            continue
-        if not current:
-            raise ValueError(f"a prompt + response of {candidate.length} tokens does not fit in data.pack_len "
-                             f"{row_len}; pack_len must be >= data.max_len")
-        pieces.append(dataclasses.replace(unit, responses=tuple(current)))
-        current = [response]
-        if dataclasses.replace(unit, responses=(response,)).length > row_len:
-            raise ValueError(f"a prompt + response does not fit in data.pack_len {row_len}; pack_len must be >= "
-                             "data.max_len")
+        alone = dataclasses.replace(unit, responses=(response,)).length
+        if alone > row_len:
+            raise ValueError(f"a prompt + response of {alone} tokens does not fit in data.pack_len {row_len}; "
+                             "pack_len must be >= data.max_len")
+        if current and dataclasses.replace(unit, responses=tuple(current + [response])).length > row_len:
+            pieces.append(dataclasses.replace(unit, responses=tuple(current)))
+            current = []
+        current.append(response)
     pieces.append(dataclasses.replace(unit, responses=tuple(current)))
     return pieces
 
@@ -190,13 +186,14 @@ def flatten(packed: dict, rows: int) -> dict[str, np.ndarray]:
     out = {}
     for name in ROW_FIELDS:
         x = packed[name]
-        pad = np.full((*x.shape[:2], rows - have, x.shape[3]), 0, x.dtype)
+        pad = np.zeros((*x.shape[:2], rows - have, x.shape[3]), x.dtype)
         x = np.concatenate([x, pad], axis=2)  # padding rows: segment 0, no loss
         out[name] = x.transpose(0, 2, 1, 3).reshape(-1, x.shape[3])
     out.update({name: packed[name] for name in GROUP_FIELDS})
     return out
 
 
-def useful_tokens(packed: dict) -> int:
-    """Tokens that are not padding (prompt once per unit + responses), of `Packer` or `flatten` output."""
+def non_padding_tokens(packed: dict) -> int:
+    """Tokens that are not padding (each unit's prompt, and its responses each with a copy of the prompt's last
+    token), of `Packer` or `flatten` output."""
     return int((packed["segment_ids"] > 0).sum())

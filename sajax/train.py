@@ -324,6 +324,10 @@ def _train(setup: Setup) -> dict:
 
 
 def _evaluator(eval_step, source, encoder, cfg, mesh, batch_size, reference):
+    packer = None
+    if cfg.data.packing and source is not None:
+        packer = input_pipeline.make_packer(encoder, mesh, batch_size, 1, pack_len(cfg))
+
     def evaluate(params) -> dict:
         if source is None:
             return {}
@@ -331,9 +335,7 @@ def _evaluator(eval_step, source, encoder, cfg, mesh, batch_size, reference):
         batches = input_pipeline.eval_batches(
             source, encoder, batch_size=batch_size, seed=cfg.seed,
             process_index=input_pipeline.process_block(mesh, batch_size), process_count=jax.process_count(),
-            reference=reference,
-            packer=input_pipeline.make_packer(encoder, mesh, batch_size, 1, pack_len(cfg)) if cfg.data.packing
-            else None)
+            reference=reference, packer=packer)
         for i, batch in enumerate(batches):
             if cfg.eval_max_batches and i >= cfg.eval_max_batches:
                 break

@@ -73,7 +73,7 @@ def test_the_data_exercises_truncation_and_shared_prompts(groups, encoder):
     packed = _packed(groups, encoder, row_len=3 * MAX_LEN)  # no unit is split at this length
     padded_tokens = sum(int(g["attention_mask"].sum()) for g in groups)
     # each prompt once per unit: Σ over units of prompt + Σ (1 + response) tokens
-    assert packing.useful_tokens(packed) == sum(u.length for us in units for u in us) < padded_tokens
+    assert packing.non_padding_tokens(packed) == sum(u.length for us in units for u in us) < padded_tokens
     raw = packing.Packer(3 * MAX_LEN, encoder.num_comp, encoder.pad_id)(groups)
     assert packing.rows_of(raw) * 3 * MAX_LEN < input_pipeline.stack(groups)["tokens"].size  # fewer positions
     assert (packed["segment_ids"].max(axis=1) > 1).any()  # several units share a row
