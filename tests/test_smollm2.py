@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from sajax import generate, hf, known_models, model, tokenizer
+from sajax import generate, hf, input_pipeline, known_models, model, packing, tokenizer, train_step
 from sim import calibrate, prompts
 from sim.backends import Request
 from sim.local_backend import LocalBackend
@@ -129,3 +129,26 @@ def test_generate_cli_chats_with_a_known_model(smollm2):
     assert result.returncode == 0, result.stderr
     output = result.stdout.split("### Output: ", 1)[1].strip()
     assert len(output.split()) >= 5 and "<|im" not in output
+
+
+def test_packed_chat_groups_score_like_padded_rows(smollm2):
+    """Shared-prompt packing on the real model and its chat template (the template's own BOS, the assistant header
+    ending the prompt, <|im_end|> ending each response), with truncated prompts and responses: the same
+    per-response NLL as one padded row per response."""
+    _, config, params, tok = smollm2
+    encoder = input_pipeline.GroupEncoder(tok, 48, 24, num_comp=3, chat=True)
+    groups = [encoder.encode({"query": q, "instruction": q, "responses": responses, "scores": [5.0, 2.0, 4.0]},
+                             [0, 1, 2])
+              for q, responses in zip(CHATS, (
+                  ["Usually not; a gentle truth is kinder.", "Yes, always.", "It depends on the harm the lie avoids, "
+                   "how likely it is to come out, and whether your friend would want to know the truth later on."],
+                  ["Hand it to the police.", "Keep the cash.", "Look for an ID and contact the owner."],
+                  ["Drink a glass of water.", "Check your phone first.", "Stretch for five minutes."]))]
+    assert any(g["attention_mask"].sum(-1).max() == 48 for g in groups)  # a truncated row
+    padded = train_step.response_nll(config, params, input_pipeline.stack(groups), 16)
+    packer = packing.Packer(96, encoder.num_comp, encoder.pad_id)
+    rows = packer(groups)
+    packed = train_step.response_nll(config, params, packing.flatten(rows, packing.rows_of(rows)), 16)
+    np.testing.assert_array_equal(packed.count, padded.count)
+    np.testing.assert_allclose(packed.total, padded.total, rtol=1e-5)
+    assert float(np.mean(padded.value)) < 6  # a real model's NLL of fluent answers (random: log 49152 ≈ 10.8)
