@@ -180,11 +180,7 @@ def compile_train_step(cfg: ml_collections.ConfigDict, chip: Chip, devices: list
     train_lib.check_config(cfg)
     config = train_lib.model_config(cfg)
     mesh = sharding.make_mesh(**cfg.mesh, devices=devices, arrange=True)
-    micro = cfg.train.batch_size // cfg.train.grad_accum_steps
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro % ways:
-        raise ValueError(f"train.batch_size / grad_accum_steps = {micro} groups must be divisible by mesh data × "
-                         f"fsdp = {ways}")
+    sharding.check_micro_batch(cfg.train.batch_size // cfg.train.grad_accum_steps, mesh)
     sharding.param_shardings(config, mesh)  # every parameter divisible by its mesh axes (names the first that is not)
     memory = Memory.of(compile_lowered(lower_train_step(cfg, config, mesh), "the train step"))
     if progress:

@@ -195,7 +195,7 @@ def make_packer(encoder: GroupEncoder, mesh: jax.sharding.Mesh, batch_size: int,
                 row_len: int, replicated: bool = False) -> packing.Packer:
     """The `packing.Packer` of this process's share of global batches of `batch_size` groups on `mesh`, which
     packs each batch shard's groups into that shard's rows (`replicated`: every process packs the whole batch)."""
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding.batch_shards(mesh)
     if replicated:
         return packing.Packer(row_len, encoder.num_comp, encoder.pad_id, blocks=shards, micro_batches=micro_batches)
     local = rows_per_process(batch_size, jax.process_count())

@@ -121,6 +121,18 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many blocks `batch_sharding` splits the batch into: the product of the BATCH_AXES sizes."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def check_micro_batch(micro_batch: int, mesh: Mesh) -> None:
+    """ValueError unless a micro-batch of `micro_batch` groups splits evenly over the mesh's batch shards."""
+    if micro_batch % batch_shards(mesh):
+        raise ValueError(f"train.batch_size / grad_accum_steps = {micro_batch} groups must be divisible by "
+                         f"mesh data × fsdp = {batch_shards(mesh)}")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

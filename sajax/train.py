@@ -151,11 +151,7 @@ def prepare(cfg, workdir: Path) -> Setup:
                                           chat=prompt_format(cfg, tok) == "chat")
 
     mesh = sharding.make_mesh(**cfg.mesh)
-    micro_batch = cfg.train.batch_size // cfg.train.grad_accum_steps
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if micro_batch % batch_ways:
-        raise ValueError(f"train.batch_size / grad_accum_steps = {micro_batch} groups must be divisible by "
-                         f"mesh data × fsdp = {batch_ways}")
+    sharding.check_micro_batch(cfg.train.batch_size // cfg.train.grad_accum_steps, mesh)
     sharding.param_shardings(config, mesh)  # every parameter divisible by its mesh axes
 
     sources, demo = _data(cfg, workdir)
