@@ -120,10 +120,15 @@ def test_every_objective_has_the_loss_metrics_and_gradient_of_the_padded_layout(
     layouts = {"padded": input_pipeline.stack(groups), "packed": _packed(groups, encoder)}
 
     @jax.jit
-    def nll_and_vjp(params, batch, cotangent):
-        nll, vjp = jax.vjp(lambda q: ts.response_nll(config, q, batch, 8).total, params)
-        return nll, ts.response_nll(config, params, batch, 8).count, vjp(cotangent)[0]
+    def nll_and_vjp(params, batch, cotangent):  # (NLL totals, counts) [B, K] and cotangent · ∂totals/∂params
+        def nll(q):
+            ratio = ts.response_nll(config, q, batch, 8)
+            return ratio.total, ratio.count
+        total, vjp, count = jax.vjp(nll, params, has_aux=True)
+        return total, count, vjp(cotangent)[0]
 
+    zeros = jnp.zeros((len(groups), encoder.num_comp))
+    nlls = {name: nll_and_vjp(p, batch, zeros)[:2] for name, batch in layouts.items()}  # the same for every objective
     for objective in losses.OBJECTIVES:
         train_cfg = _train_cfg(objective)
         out = {}
@@ -134,8 +139,7 @@ def test_every_objective_has_the_loss_metrics_and_gradient_of_the_padded_layout(
                                         margin=train_cfg.margin, ratio=train_cfg.ratio, max_flow=train_cfg.max_flow,
                                         dpo_beta=train_cfg.dpo_beta)
                 return sums.loss.total, sums
-            nll, count, _ = nll_and_vjp(p, batch, jnp.zeros((len(groups), encoder.num_comp)))
-            d_nll, sums = jax.grad(total, has_aux=True)(nll, count)
+            d_nll, sums = jax.grad(total, has_aux=True)(*nlls[name])
             out[name] = (sums, nll_and_vjp(p, batch, d_nll)[2])
         _assert_sums_equal(out["packed"][0], out["padded"][0])
         _assert_grads_equal(out["packed"][1], out["padded"][1])
