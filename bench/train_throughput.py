@@ -71,14 +71,20 @@ def train_cfg(groups, t, chunk):
     return cfg
 
 
-def run_sajax(config, params, batch, steps, cfg):
-    mesh = sharding.make_mesh()
+def trainer(config, params, cfg, mesh, packed=False):
+    """The trainer's jitted train step for `cfg` (optimizer, schedule, state shardings) and a fresh state from
+    `params`; call inside `sharding.activation_rules(mesh)`."""
     tx = ts.make_optimizer(cfg.optimizer, 1000, config)
     schedule = ts.learning_rate_schedule(cfg.optimizer, 1000)
     shardings = ts.state_shardings(config, tx, mesh)
+    step = ts.make_train_step(config, cfg.train, tx, schedule, mesh, shardings, packed=packed)
+    return step, ts.init_state(params, tx, shardings)
+
+
+def run_sajax(config, params, batch, steps, cfg):
+    mesh = sharding.make_mesh()
     with sharding.activation_rules(mesh):
-        state = ts.init_state(params, tx, shardings)
-        step = ts.make_train_step(config, cfg.train, tx, schedule, mesh, shardings)
+        step, state = trainer(config, params, cfg, mesh)
         batch = input_pipeline.to_global(batch, mesh)
         for _ in range(2):  # compile + warm-up
             state, out = step(state, batch)
@@ -176,16 +182,11 @@ def run_side_by_side(config, params, layouts: dict, cfg, mesh) -> dict[str, floa
     """Median seconds per step of each layout's batches (name: list of batches, `packing.is_packed` or not). A
     first pass compiles every shape; then the layouts alternate step by step over the same batches, so that
     both see the same machine load."""
-    tx = ts.make_optimizer(cfg.optimizer, 1000, config)
-    schedule = ts.learning_rate_schedule(cfg.optimizer, 1000)
-    shardings = ts.state_shardings(config, tx, mesh)
     runs = {}
     with sharding.activation_rules(mesh):
         for name, batches in layouts.items():
-            step = ts.make_train_step(config, cfg.train, tx, schedule, mesh, shardings,
-                                      packed=packing.is_packed(batches[0]))
+            step, state = trainer(config, params, cfg, mesh, packed=packing.is_packed(batches[0]))
             arrays = [input_pipeline.to_global(b, mesh) for b in batches]
-            state = ts.init_state(params, tx, shardings)
             for batch in arrays:  # compile every shape
                 state, out = step(state, batch)
             jax.block_until_ready(out)
