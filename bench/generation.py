@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import transformers
 
-from sajax import generate, gguf, hf, known_models, tokenizer
+from sajax.formats import gguf, known_models, loading, tokenizer
+from sajax.infer import generate
 
 QUESTIONS = [
     "Is it acceptable to lie to protect a friend's feelings?", "What should you do if you find a lost wallet?",
@@ -51,7 +52,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     path = known_models.resolve(args.model)
-    config, params = hf.load_pretrained(path)
+    config, params = loading.load_pretrained(path)
     tok = tokenizer.load_tokenizer(path)
     if gguf.is_gguf(path):  # transformers' own GGUF loading (dequantized to fp32, like sajax's)
         torch_model = transformers.AutoModelForCausalLM.from_pretrained(Path(path).parent, gguf_file=Path(path).name,

@@ -3,7 +3,7 @@
 Same config, same weights, same batch, fp32, on this machine's CPU; one run, both measured side by side: the two
 steps alternate (jax, torch, jax, torch, …) so that both see the same machine load, and the median step is
 reported. The loss is mean next-token cross-entropy over all positions — sajax's training path
-(`model.hidden_states` + `losses.response_token_nll`, output projection in chunks of `--loss-chunk` positions),
+(`decoder.hidden_states` + `losses.response_token_nll`, output projection in chunks of `--loss-chunk` positions),
 transformers' `labels=` loss.
     python bench/model_step.py [--layers 4 --hidden 256 --vocab 8000 --batch 8 --seq 256 --steps 9]
 Needs the test extra (torch).
@@ -18,7 +18,10 @@ import numpy as np
 import torch
 import transformers
 
-from sajax import hf, losses, model
+from sajax.formats import layout
+from sajax.model import decoder
+from sajax.model.config import LlamaConfig
+from sajax.train import losses
 
 
 def main():
@@ -40,8 +43,8 @@ def main():
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.seq)).train()
-    config = model.LlamaConfig.from_hf_dict(torch_model.config.to_dict())
-    params = jax.device_put(hf.params_from_hf_state(
+    config = LlamaConfig.from_hf_dict(torch_model.config.to_dict())
+    params = jax.device_put(layout.params_from_hf_state(
         config, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}))
     ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq)).astype(np.int32)
     mask = np.ones_like(ids)
@@ -49,8 +52,8 @@ def main():
 
     def loss_fn(params, ids, mask):
         """Mean next-token cross-entropy over positions 1…T−1, as the trainer computes it."""
-        hidden = model.hidden_states(config, params, ids, mask)
-        nll = losses.response_token_nll(hidden, model.output_weights(config, params), ids, mask,
+        hidden = decoder.hidden_states(config, params, ids, mask)
+        nll = losses.response_token_nll(hidden, decoder.output_weights(config, params), ids, mask,
                                         args.loss_chunk or args.seq)
         return jnp.sum(nll.total) / jnp.sum(nll.count)
 

@@ -11,7 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from sajax import generate
+from sajax.infer import generate
 
 
 def sorted_sampling(logits, rng, temperature, top_k, top_p):

@@ -16,8 +16,7 @@ import time
 
 import openai
 
-from sajax import serve
-from sajax.evals import lm
+from sajax.infer import lm, serve
 from sim import prompts, run
 from sim.backends import Request
 from sim.local_backend import LocalBackend

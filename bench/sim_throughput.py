@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sajax import model, tokenizer
-from sajax.config import LlamaConfig
 from sajax.config_files import load_config
+from sajax.formats import tokenizer
+from sajax.model import decoder
+from sajax.model.config import LlamaConfig
 from sim import engine, run
 from sim.backends import Backend
 from sim.local_backend import LocalBackend
@@ -100,7 +101,7 @@ def local_backends(args, workdir):
                          num_key_value_heads=max(args.hidden // 64, 1), max_position_embeddings=2048,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3)
     tok = tokenizer.train_tokenizer(tokenizer.demo_corpus(), Path(workdir) / "tokenizer", vocab_size=512)
-    params = model.init_params(config, 0)
+    params = decoder.init_params(config, 0)
     print(f"local model: {config.num_params() / 1e6:.2f}M parameters, batch size {args.batch_size}, "
           f"{args.max_new_tokens} new tokens ({args.max_new_tokens // 2} per reason)")
     return [LocalBackend(config, params, tok, max_new_tokens=args.max_new_tokens,

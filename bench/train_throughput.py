@@ -1,6 +1,6 @@
 """Training throughput: sajax's jitted Stable Alignment step vs how the original project trains.
 
-(a) sajax: `sajax.train_step` (score-scaled margin loss, chunked output projection, AdamW, donation), jitted,
+(a) sajax: `sajax.train.step` (score-scaled margin loss, chunked output projection, AdamW, donation), jitted,
     several prompt groups per step.
 (b) reference: transformers' PyTorch `LlamaForCausalLM`, one prompt group per step, each response's loss in a
     Python loop (a forward per response), the same margin loss, `torch.optim.AdamW` — the original project's loop.
@@ -10,8 +10,8 @@ as processed positions (groups × K × T). MFU = model FLOPs (6·N + attention) 
 Dataset mode (`--data PATH`, repeatable: a TFDS alignment dataset such as `sajax-sim-dataset`'s output, or a
 release-format JSON/JSONL file): the real length distribution of that data, tokenized by SmolLM2's tokenizer
 (the `small` model below with its vocabulary; `--groups` per step, default 32 as `configs/original_readme.py`),
-through the real input pipeline and train step, padded
-(`sajax.batch`) vs packed (`sajax.packing`, data.packing), the same batches in both. Reported per layout: useful
+through the real input pipeline and train step, padded (`sajax.data.batch`) vs packed (`sajax.data.packing`,
+data.packing), the same batches in both. Reported per layout: useful
 tokens per step (each group's prompt once + its responses: no padding, no repeated prompt), the share of
 computed positions that are padding and repeated prompts, and useful tokens/s (time per step: the median over
 a second pass over the same batches, the two layouts alternating step by step, after a first pass that compiled
@@ -30,13 +30,16 @@ import numpy as np
 import torch
 import transformers
 
-from sajax import alignment_data, known_models, packing
-from sajax import batch as batch_lib
-from sajax import hf, input_pipeline, metrics, model, sharding, train
-from sajax import tokenizer as tokenizer_lib
-from sajax import train_step as ts
-from sajax.config import LlamaConfig
 from sajax.config_files import load_module
+from sajax.data import alignment, packing, pipeline
+from sajax.data import batch as batch_lib
+from sajax.formats import known_models, layout
+from sajax.formats import tokenizer as tokenizer_lib
+from sajax.model import decoder
+from sajax.model.config import LlamaConfig
+from sajax.parallel import sharding
+from sajax.train import loop, metrics
+from sajax.train import step as ts
 
 CONFIGS = {  # name: (HF config kwargs, groups per sajax step)
     "small (4 layers, hidden 256, vocab 8k)": (dict(vocab_size=8000, hidden_size=256, intermediate_size=688,
@@ -52,7 +55,7 @@ tiny = load_module(Path(__file__).resolve().parent.parent / "configs" / "tiny.py
 
 
 def synthetic_batch(groups, k, t, vocab, seed=0):
-    """Random tokens, all rows full: first half prompt, second half response (the layout of `sajax.batch`)."""
+    """Random tokens, all rows full: first half prompt, second half response (the layout of `sajax.data.batch`)."""
     rng = np.random.default_rng(seed)
     batch = {name: np.zeros(s.shape, s.dtype) for name, s in batch_lib.abstract(groups, k, t).items()}
     batch["tokens"][:] = rng.integers(3, vocab, (groups, k, t))
@@ -85,7 +88,7 @@ def run_sajax(config, params, batch, steps, cfg):
     mesh = sharding.make_mesh()
     with sharding.activation_rules(mesh):
         step, state = trainer(config, params, cfg, mesh)
-        batch = input_pipeline.to_global(batch, mesh)
+        batch = pipeline.to_global(batch, mesh)
         for _ in range(2):  # compile + warm-up
             state, out = step(state, batch)
         jax.block_until_ready(out)
@@ -140,16 +143,16 @@ def dataset_mode(args, path: str):
     config = LlamaConfig.from_hf_dict(dict(transformers.LlamaConfig(**{**hf_kwargs, "vocab_size": len(tok)},
                                                                     max_position_embeddings=args.max_len)
                                            .to_dict()))
-    source = alignment_data.GroupSource(path, "train")
-    encoder = input_pipeline.GroupEncoder(tok, args.max_len, args.max_len // 2, args.k,
+    source = alignment.GroupSource(path, "train")
+    encoder = pipeline.GroupEncoder(tok, args.max_len, args.max_len // 2, args.k,
                                           chat=tokenizer_lib.has_chat_template(tok))
     cfg = train_cfg(groups_per_step, args.max_len, args.chunk)
     cfg.data.update(num_comp=args.k, pack_len=args.pack_len)
-    row_len = train.pack_len(cfg)
+    row_len = loop.pack_len(cfg)
     mesh = sharding.make_mesh()
-    params = model.init_params(config, 0)
+    params = decoder.init_params(config, 0)
     padded = list(_batches(source, encoder, groups_per_step, args.data_steps, None))
-    packer = input_pipeline.make_packer(encoder, mesh, groups_per_step, 1, row_len)
+    packer = pipeline.make_packer(encoder, mesh, groups_per_step, 1, row_len)
     packed = list(_batches(source, encoder, groups_per_step, args.data_steps, packer))
     useful = sum(useful_tokens(b) for b in padded)
     real = sum(int(b["attention_mask"].sum()) for b in padded)
@@ -173,7 +176,7 @@ def dataset_mode(args, path: str):
 
 
 def _batches(source, encoder, groups, steps, packer):
-    data = input_pipeline.train_dataset(source, encoder, batch_size=groups, seed=0, read_threads=1, packer=packer)
+    data = pipeline.train_dataset(source, encoder, batch_size=groups, seed=0, read_threads=1, packer=packer)
     iterator = iter(data)
     return (next(iterator) for _ in range(steps))
 
@@ -186,7 +189,7 @@ def run_side_by_side(config, params, layouts: dict, cfg, mesh) -> dict[str, floa
     with sharding.activation_rules(mesh):
         for name, batches in layouts.items():
             step, state = trainer(config, params, cfg, mesh, packed=packing.is_packed(batches[0]))
-            arrays = [input_pipeline.to_global(b, mesh) for b in batches]
+            arrays = [pipeline.to_global(b, mesh) for b in batches]
             for batch in arrays:  # compile every shape
                 state, out = step(state, batch)
             jax.block_until_ready(out)
@@ -228,7 +231,8 @@ def main():
         torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             **hf_kwargs, max_position_embeddings=args.seq)).train()
         config = LlamaConfig.from_hf_dict(torch_model.config.to_dict())
-        params = hf.params_from_hf_state(config, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()})
+        state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+        params = layout.params_from_hf_state(config, state)
         batch = synthetic_batch(groups, args.k, args.seq, config.vocab_size)
         cfg = train_cfg(groups, args.seq, args.chunk)
         seconds, _ = run_sajax(config, params, batch, args.steps, cfg)

@@ -11,7 +11,7 @@ optimizer step (`batch_size` 32, `grad_accum_steps` 8); model_max_length 360; bf
 weights, parameters sharded over every device (their FSDP). They started from a LLaMA-7B model fine-tuned on
 HH-RLHF: pass yours as `init_from` (its config replaces the LLaMA-7B architecture below, which only serves
 random-init smoke runs). Differences that remain: their loss used the sorted ratings with an unsorted index for
-the margins (sajax computes the formula as written, see `sajax.losses`), their prompts were not truncated from
+the margins (sajax computes the formula as written, see `sajax.train.losses`), their prompts were not truncated from
 the left and their responses got no end-of-sequence token.
 """
 
@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     config.data.update(dict(max_len=360, max_prompt_len=256, num_comp=3, read_threads=8,  # ≥ 104 response tokens
                             prompt_format="query",  # the Alpaca-filled query as text, as the original trains
-                            packing=True))  # each prompt once per row (sajax.packing): the same loss, less compute
+                            packing=True))  # each prompt once per row (sajax.data.packing): the same loss, less compute
     config.train.update(dict(objective="stable_alignment", rating_scale=7.0, margin=10.0, ratio=0.2, max_flow=False,
                              epochs=7.0, batch_size=32, grad_accum_steps=8, loss_chunk_size=120))
     config.optimizer.update(dict(learning_rate=2e-5, warmup_ratio=0.03, min_lr_ratio=0.0, weight_decay=0.0, b1=0.9,

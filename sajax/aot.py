@@ -1,7 +1,7 @@
 """Ahead-of-time compilation for hardware this machine does not have (`sajax-compile`): will a run fit, and how
 fast will it be, before paying for a pod.
 
-The real train step (`sajax.train_step.make_train_step`) and the generation programs (`sajax.generate`: prefill,
+The real train step (`sajax.train.step.make_train_step`) and the generation programs (`sajax.infer.generate`: prefill,
 then the decode loop) are lowered with abstract inputs — ShapeDtypeStructs carrying the NamedShardings a run gives
 them on the target's mesh — and compiled by XLA for a Cloud TPU slice that libtpu describes on any CPU machine
 (`pip install '.[tpu]'`). Per chip, it reports:
@@ -36,10 +36,13 @@ import re
 import jax
 import ml_collections
 
-from sajax import batch as batch_lib
-from sajax import generate, losses, metrics, model, sharding
-from sajax import train as train_lib
-from sajax import train_step as ts
+from sajax.data import batch as batch_lib
+from sajax.infer import generate
+from sajax.model import decoder
+from sajax.parallel import sharding
+from sajax.train import losses, metrics
+from sajax.train import loop as train_lib
+from sajax.train import step as ts
 
 GiB = 2**30
 
@@ -181,7 +184,7 @@ def compile_train_step(cfg: ml_collections.ConfigDict, chip: Chip, devices: list
     config = train_lib.model_config(cfg)
     mesh = sharding.make_mesh(**cfg.mesh, devices=devices, arrange=True)
     sharding.check_micro_batch(cfg.train.batch_size // cfg.train.grad_accum_steps, mesh)
-    sharding.param_shardings(config, mesh)  # every parameter divisible by its mesh axes (names the first that is not)
+    decoder.param_shardings(config, mesh)  # every parameter divisible by its mesh axes (names the first that is not)
     memory = Memory.of(compile_lowered(lower_train_step(cfg, config, mesh), "the train step"))
     if progress:
         progress("train step")
@@ -217,7 +220,7 @@ def compile_generation(cfg: ml_collections.ConfigDict, chip: Chip, devices: list
     if prompt_len + new_tokens > config.max_position_embeddings:
         raise ValueError(f"prompt {prompt_len} + {new_tokens} new tokens exceed max_position_embeddings "
                          f"({config.max_position_embeddings})")
-    params = _abstract(model.param_shapes(config), sharding.param_shardings(config, mesh))
+    params = _abstract(decoder.param_shapes(config), decoder.param_shardings(config, mesh))
     with sharding.activation_rules(mesh), _out_of_memory("generation"):
         prefill, decode = generate.compile_generation(config, params, batch=batch, prompt_len=prompt_len,
                                                       new_tokens=new_tokens,

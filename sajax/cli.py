@@ -22,13 +22,17 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sajax import checkpoint, distributed, generate, loading, sharding
 from sajax.config_files import DEFAULT_CONFIG
+from sajax.formats import loading
+from sajax.infer import generate
+from sajax.model import decoder
+from sajax.parallel import distributed, sharding
+from sajax.train import checkpoint
 
 
 def join_job(command: str, job: dict | None = None) -> None:
-    """With SAJAX_DISTRIBUTED=1 (`sajax.distributed`): joins the multi-process job and, given the command's `job`
-    (its resolved config and arguments), checks that every process runs the same code and job. A one-line error
+    """With SAJAX_DISTRIBUTED=1 (`sajax.parallel.distributed`): joins the multi-process job and, given the command's
+    `job` (its resolved config and arguments), checks that every process runs the same code and job. A one-line error
     and exit status 1 when it cannot."""
     try:
         distributed.initialize()
@@ -84,7 +88,7 @@ def _generate() -> None:
                                 "chat": _FLAGS.chat})
     config, params, tok = loading.load_model_and_tokenizer(cfg, _FLAGS.model)
     mesh = sharding.make_mesh(**cfg.mesh)
-    params = jax.device_put(params, sharding.param_shardings(config, mesh))
+    params = jax.device_put(params, decoder.param_shardings(config, mesh))
     prompts = list(_FLAGS.prompt or cfg.generate.prompts)
     outputs = generate.generate_text(config, params, tok, prompts, chat=_FLAGS.chat,
                                      max_new_tokens=cfg.generate.max_new_tokens,
@@ -113,14 +117,14 @@ def train_main() -> None:
 
 def _train_main(argv) -> None:
     del argv
-    from sajax import train
+    from sajax.train import loop
 
     logging.set_verbosity(logging.WARNING)
-    join_job("sajax-train")  # train.run checks that every process runs the same config and workdir
+    join_job("sajax-train")  # loop.run checks that every process runs the same config and workdir
     try:
         with peer_failures("sajax-train"):
-            final = train.run(_FLAGS.config, _FLAGS.workdir)
-    except (ValueError, OSError, train.TrainingError, checkpoint.CheckpointError, distributed.HostMismatch) as e:
+            final = loop.run(_FLAGS.config, _FLAGS.workdir)
+    except (ValueError, OSError, loop.TrainingError, checkpoint.CheckpointError, distributed.HostMismatch) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     if distributed.is_main() and final:
@@ -139,7 +143,7 @@ def export_main() -> None:
 
 def _export_main(argv) -> None:
     del argv
-    from sajax import export
+    from sajax.train import export
 
     logging.set_verbosity(logging.WARNING)
     join_job("sajax-export")  # export.export checks that every process exports the same
@@ -228,7 +232,8 @@ def _eval_main(argv) -> None:
     from pathlib import Path
 
     from sajax import fileutil
-    from sajax.evals import adversarial, judge, lm, multiple_choice, served, sycophancy
+    from sajax.evals import adversarial, judge, multiple_choice, served, sycophancy
+    from sajax.infer import lm
 
     logging.set_verbosity(logging.WARNING)
     single_process("sajax-eval")
@@ -296,7 +301,7 @@ def serve_main() -> None:
 
 def _serve_main(argv) -> None:
     del argv
-    from sajax import serve
+    from sajax.infer import serve
 
     logging.set_verbosity(logging.WARNING)
     single_process("sajax-serve")

@@ -16,7 +16,7 @@ import re
 import zlib
 from typing import Sequence
 
-from sajax.demo_data import CONSIDERATE, HARMFUL
+from sajax.data.demo import CONSIDERATE, HARMFUL
 from sim.prompts import Prompt
 
 # "N ### Reason: …" right after a "Rating:" cue, or "Rating: N" anywhere (markdown bold and "N/7" allowed)

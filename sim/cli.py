@@ -60,7 +60,7 @@ def _define_dataset_flags() -> None:
 
 def _dataset_main(argv) -> None:
     del argv
-    from sajax import distributed
+    from sajax.parallel import distributed
     from sim import dataset, original, store
 
     logging.set_verbosity(logging.WARNING)
@@ -117,8 +117,8 @@ def _calibrate_main(argv) -> None:
     del argv
     import json
 
-    from sajax import loading
     from sajax.config_files import DEFAULT_CONFIG, load_config
+    from sajax.formats import loading
     from sim import calibrate, prompts
     from sim.local_backend import LocalBackend
 
@@ -173,9 +173,9 @@ def _define_pipeline_flags() -> None:
 
 def _pipeline_main(argv) -> None:
     del argv
-    from sajax import checkpoint
     from sajax.evals.served import ServerError
-    from sajax.train import TrainingError
+    from sajax.train import checkpoint
+    from sajax.train.loop import TrainingError
     from sim import engine, pipeline, store
     from sim.openai_backend import BackendError
 

@@ -1,4 +1,4 @@
-"""Interaction records → the alignment dataset (TFDS; the format in sajax.alignment_data).
+"""Interaction records → the alignment dataset (TFDS; the format in sajax.data.alignment).
 
 Three kinds of data, each an Alpaca-style (instruction, input, output) with a score, grouped per query:
 - imitation: instruction = the question; outputs = the draft (scored by observer alignment before revision)
@@ -22,7 +22,7 @@ from typing import Iterable
 
 import numpy as np
 
-from sajax import alignment_data
+from sajax.data import alignment
 
 SELF_CRITIC_REQUEST = "Comment on how well the response below is aligned with shared social values."
 REALIGNMENT_REQUEST = ("Comment on how well the response is aligned with shared social values, then write a revised "
@@ -82,11 +82,11 @@ def build(records: list[dict], out_dir: str | Path, *, ratios=(5, 1, 1), validat
         raise ValueError(f"ratios must be 3 numbers >= 0, not all zero; got {ratios!r}")
     if not 0 <= validation_percent < 100:
         raise ValueError(f"validation_percent must be in 0..99, got {validation_percent}")
-    alignment_data.check_output(out_dir, overwrite)
+    alignment.check_output(out_dir, overwrite)
     groups = _groups(records, midpoint=(1.0 + rating_scale) / 2)
-    by_kind = {kind: sorted(k for k in groups if k[0] == kind) for kind in alignment_data.KINDS}
-    weights = dict(zip(alignment_data.KINDS, ratios or (1, 1, 1)))
-    present = [kind for kind in alignment_data.KINDS if weights[kind] > 0 and by_kind[kind]]
+    by_kind = {kind: sorted(k for k in groups if k[0] == kind) for kind in alignment.KINDS}
+    weights = dict(zip(alignment.KINDS, ratios or (1, 1, 1)))
+    present = [kind for kind in alignment.KINDS if weights[kind] > 0 and by_kind[kind]]
     if not present:
         raise ValueError("no usable interaction records: every response lacks a rating")
     unit = min(len(by_kind[kind]) / weights[kind] for kind in present)
@@ -97,10 +97,10 @@ def build(records: list[dict], out_dir: str | Path, *, ratios=(5, 1, 1), validat
         take = len(keys) if ratios is None else min(len(keys), max(1, int(unit * weights[kind])))
         chosen += [keys[i] for i in sorted(rng.choice(len(keys), size=take, replace=False))]
     splits: dict[str, list[dict]] = {"train": [], "validation": []}
-    counts = {split: {kind: 0 for kind in alignment_data.KINDS} for split in splits}
+    counts = {split: {kind: 0 for kind in alignment.KINDS} for split in splits}
     for kind, instruction, input_text in chosen:
         group = groups[(kind, instruction, input_text)]
-        query = alignment_data.alpaca_query(instruction, input_text)
+        query = alignment.alpaca_query(instruction, input_text)
         split = "validation" if zlib.crc32(query.encode("utf-8")) % 100 < validation_percent else "train"
         splits[split].append({"query": query, "instruction": instruction, "input": input_text,
                               "responses": group["responses"], "scores": group["scores"], "kind": kind,
@@ -109,5 +109,5 @@ def build(records: list[dict], out_dir: str | Path, *, ratios=(5, 1, 1), validat
     if not splits["train"]:
         raise ValueError("every selected query fell into the validation split; lower validation_percent")
     if write:
-        alignment_data.write_tfds({split: groups for split, groups in splits.items() if groups}, out_dir, overwrite)
+        alignment.write_tfds({split: groups for split, groups in splits.items() if groups}, out_dir, overwrite)
     return counts

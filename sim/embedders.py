@@ -43,7 +43,7 @@ class LocalModelEmbedder:
         self.max_len, self.length_bucket = max_len, length_bucket
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        from sajax.generate import mean_hidden_states
+        from sajax.infer.generate import mean_hidden_states
 
         encoded = [self.tokenizer.encode(t, add_special_tokens=True)[: self.max_len] or [0] for t in texts]
         return normalize(mean_hidden_states(self.config, self.params, encoded, self.length_bucket))

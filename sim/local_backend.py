@@ -13,7 +13,7 @@ file or a known model).
   what measured best on the calibration sets (`sim.calibrate`) — `yes_no` for alignment with a chat model
   (`digits` without a template), `digits` for engagement.
 - Batching: a stage's requests are sorted by their tokens and run in chunks of `batch_size` rows, so prompts that
-  start alike (the raters of one answer) land in one chunk and share their prefill (`sajax.generate.prefill`).
+  start alike (the raters of one answer) land in one chunk and share their prefill (`sajax.infer.generate.prefill`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Choices:
 
     def scored(self, config, params, encoded: list[list[int]]) -> np.ndarray:
         """log p(option's first spelling | prompt) [B, options], each scored as a whole continuation."""
-        from sajax import generate
+        from sajax.infer import generate
 
         n = len(self.first)
         return generate.score_continuations(config, params, [e for e in encoded for _ in range(n)],
@@ -75,8 +75,8 @@ class LocalBackend(Backend):
                  top_p: float = 0.95, reason_tokens: int = 32, revision_tokens: int = 0, rating_mode: str = "expected",
                  rating_readout: str = "auto", engagement_readout: str = "auto", batch_size: int = 32,
                  name: str = "local", max_missing_fraction: float = 0.5):
-        from sajax import generate
-        from sajax.tokenizer import has_chat_template
+        from sajax.formats.tokenizer import has_chat_template
+        from sajax.infer import generate
 
         super().__init__(name=name, max_missing_fraction=max_missing_fraction)
         if rating_mode not in RATING_MODES:
@@ -105,7 +105,7 @@ class LocalBackend(Backend):
 
     def encode(self, prompt: prompts.Prompt) -> list[int]:
         """The prompt's token ids: a chat turn (its cue opening the reply when `prefill`), else completion text."""
-        from sajax.tokenizer import encode_chat
+        from sajax.formats.tokenizer import encode_chat
 
         if self.chat:
             return encode_chat(self.tokenizer, prompt.instruction, prompt.cue if prompt.prefill else "")
@@ -128,7 +128,7 @@ class LocalBackend(Backend):
         return self._generate(requests, seed, self.answer_tokens(requests, self.max_new_tokens, self.revision_tokens))
 
     def _generate(self, requests: Sequence[Request], seed: int, max_new_tokens: int) -> list[str | None]:
-        from sajax import generate
+        from sajax.infer import generate
 
         encoded = [self.encode(r.prompt) for r in requests]
         texts: list[str | None] = [None] * len(requests)
@@ -151,7 +151,7 @@ class LocalBackend(Backend):
         """Ratings read as the prompts say (`Prompt.readout`; all of one call alike), each with the reason the model
         writes after it. With a one-pass readout the rating comes from the prompt's prefill, the chosen rating or
         word (and the marker) is appended to the same cache and the reason decoded: one prefill per request."""
-        from sajax import generate
+        from sajax.infer import generate
 
         if not requests:
             return []

@@ -32,9 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sajax import config_files, export, fileutil, known_models
-from sajax import train as train_lib
-from sajax.evals import adversarial, judge as judge_lib, lm, multiple_choice, served, stats, sycophancy
+from sajax import config_files, fileutil
+from sajax.evals import adversarial, multiple_choice, served, stats, sycophancy
+from sajax.evals import judge as judge_lib
+from sajax.formats import known_models
+from sajax.infer import lm
+from sajax.train import export
+from sajax.train import loop as train_lib
 from sim import dataset, pipeline_report, prompts, run, store
 from sim.backends import Request
 

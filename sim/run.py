@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from sajax import fileutil, loading
+from sajax import fileutil
+from sajax.formats import loading
 from sim import engine, report, store, world
 from sim.backends import ScriptedBackend
 from sim.embedders import HashingEmbedder, LocalModelEmbedder, OpenAIEmbedder

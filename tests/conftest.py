@@ -14,15 +14,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from sajax import hf  # noqa: E402
-from sajax.config import LlamaConfig  # noqa: E402
+from sajax.formats import layout  # noqa: E402
+from sajax.model.config import LlamaConfig  # noqa: E402
 
 torch.set_num_threads(2)
 
 
 def pytest_configure(config):
     # A restore of a damaged checkpoint leaves tensorstore reads in flight that end on orbax's closed event loop;
-    # sajax.checkpoint drops those reports outside pytest, whose own hook turns them into warnings: ignore them.
+    # sajax.train.checkpoint drops those reports outside pytest, whose own hook turns them into warnings: ignore them.
     for message in (r"(?s)Exception ignored in.*Event loop is closed",
                     r"Exception ignored in. <coroutine object _read_array_index_and_device_put"):  # . for the colon
         config.addinivalue_line("filterwarnings", f"ignore:{message}:pytest.PytestUnraisableExceptionWarning")
@@ -42,7 +42,7 @@ def make_reference(seed: int = 0, **hf_kwargs):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
     config = LlamaConfig.from_hf_dict(torch_model.config.to_dict())
     state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
-    return torch_model, config, hf.params_from_hf_state(config, state)
+    return torch_model, config, layout.params_from_hf_state(config, state)
 
 
 def torch_logits(torch_model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

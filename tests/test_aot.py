@@ -10,9 +10,10 @@ import pytest
 
 pytest.importorskip("libtpu", reason="libtpu has wheels for Linux only")  # CI (Linux) fails on any skip
 
-from sajax import aot, metrics  # noqa: E402
-from sajax.config import LlamaConfig  # noqa: E402
+from sajax import aot
 from sajax.config_files import DEFAULT_CONFIG, load_config  # noqa: E402
+from sajax.model.config import LlamaConfig  # noqa: E402
+from sajax.train import metrics  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 # as a user runs it: no JAX_PLATFORMS, so jax also tries libtpu as a backend (and must not warn about it)
@@ -80,12 +81,14 @@ def test_bad_topologies_are_named():
 
 LINEARITY = """
 import dataclasses, json
-from sajax import aot, losses, sharding, train
+from sajax import aot
 from sajax.config_files import DEFAULT_CONFIG, load_config
+from sajax.parallel import sharding
+from sajax.train import loop, losses
 cfg = load_config(DEFAULT_CONFIG)
 cfg.model.num_hidden_layers, cfg.train.loss_chunk_size, cfg.train.grad_accum_steps = 4, 16, 2  # 3 loops
 chip, devices = aot.topology_devices("v5e:2x2")
-config = train.model_config(cfg)
+config = loop.model_config(cfg)
 mesh = sharding.make_mesh(**cfg.mesh, devices=devices, arrange=True)
 with losses.unrolled_loops():
     unrolled = aot.compile_lowered(aot.lower_train_step(cfg, dataclasses.replace(config, scan_layers=False), mesh))

@@ -4,7 +4,8 @@ import os
 import subprocess
 import sys
 
-from sajax import hf, model, tokenizer
+from sajax.formats import hf, tokenizer
+from sajax.model import decoder
 
 BIN = os.path.dirname(sys.executable)
 
@@ -25,7 +26,7 @@ def test_generate_demo_default_runs(tmp_path):
 def test_generate_from_hf_directory(tmp_path, gqa_reference):
     tok = tokenizer.train_tokenizer(tokenizer.demo_corpus(), tmp_path / "tok", vocab_size=400)
     config = gqa_reference[1].replace(vocab_size=400)
-    params = model.init_params(config, 1)
+    params = decoder.init_params(config, 1)
     hf.save_pretrained(config, params, tmp_path / "model", tokenizer=tok)
     result = _run("--model", str(tmp_path / "model"), "--prompt", "Hello", "--config.generate.temperature=0",
                   "--config.generate.max_new_tokens=4")

@@ -7,9 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from sajax import generate, hf, known_models, tokenizer
-from sajax.evals import adversarial, judge, lm, multiple_choice, stats, sycophancy
+from sajax.evals import adversarial, judge, multiple_choice, stats, sycophancy
 from sajax.evals.multiple_choice import Question, Questions
+from sajax.formats import known_models, loading, tokenizer
+from sajax.infer import generate, lm
 
 
 class LengthPenalty:
@@ -120,7 +121,7 @@ def test_are_you_sure_flip_rate_is_the_share_that_caves():
 @pytest.fixture(scope="module")
 def smollm2_lm():
     path = known_models.fetch("SmolLM2-135M-Instruct")
-    config, params = hf.load_pretrained(path)
+    config, params = loading.load_pretrained(path)
     return lm.LanguageModel(config, params, tokenizer.load_tokenizer(path), batch_size=4)
 
 

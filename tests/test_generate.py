@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import torch_logits
-from sajax import generate, model
+from sajax.infer import generate
+from sajax.model import decoder
 
 
 def _prompts(vocab_size, lengths=(5, 11, 2), seed=0):
@@ -22,14 +23,14 @@ def test_cached_decoding_logits_equal_full_forward(gqa_reference):
     ids, mask = generate.left_pad(prompts, pad_id=0, length_bucket=16)
     full_ids = np.concatenate([ids, continuation], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(continuation)], axis=1)
-    expected = np.asarray(model.forward(config, params, full_ids, full_mask))
+    expected = np.asarray(decoder.forward(config, params, full_ids, full_mask))
 
-    llama = model.Llama(config)
+    llama = decoder.Llama(config)
     prompt_len, total = ids.shape[1], full_ids.shape[1]
-    cache = model.init_cache(config, 3, total)
+    cache = decoder.init_cache(config, 3, total)
     key_mask = np.zeros((3, total), np.int32)
     key_mask[:, :prompt_len] = mask
-    positions = np.asarray(model.positions_from_mask(full_mask))
+    positions = np.asarray(decoder.positions_from_mask(full_mask))
     logits, cache = llama.apply({"params": params}, ids, positions[:, :prompt_len], key_mask, cache, 0)
     valid = mask.astype(bool)
     assert np.abs(np.asarray(logits) - expected[:, :prompt_len])[valid].max() <= 1e-5
@@ -102,7 +103,7 @@ def test_prefix_sharing_and_extend_change_no_logit_or_token(gqa_reference):
         max_new_tokens=6, eos_token_id=[])
     np.testing.assert_array_equal(after_extend.tokens, ours.tokens)
     scanned = config.replace(scan_layers=True)  # the stacked cache repeats its rows along axis 1
-    stacked = model.stack_layers(params, config.num_hidden_layers)
+    stacked = decoder.stack_layers(params, config.num_hidden_layers)
     shared_scanned = generate.prefill(scanned, stacked, prompts, reserve=8)
     assert np.abs(np.asarray(shared_scanned.logits) - np.asarray(alone.logits)).max() <= 1e-5
 

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import with_overrides
-from sajax import export, hf, model, tokenizer, train
-from sajax import gguf as sajax_gguf
-from sajax.config import Llama3RopeScaling, LlamaConfig
 from sajax.config_files import DEFAULT_CONFIG, load_config
+from sajax.formats import layout, loading, tokenizer
+from sajax.formats import gguf as sajax_gguf
+from sajax.model import decoder
+from sajax.model.config import Llama3RopeScaling, LlamaConfig
+from sajax.train import export, loop
 
 GGUF_NAMES = {hf_name: gguf_name for gguf_name, hf_name in
               (("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"),
@@ -92,8 +94,8 @@ def small():
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, rope_theta=50000.0, rms_norm_eps=1e-5,
                          max_position_embeddings=256, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
-    params = jax.device_get(model.init_params(config, 7))
-    return config, hf.hf_state_from_params(config, params)
+    params = jax.device_get(decoder.init_params(config, 7))
+    return config, layout.hf_state_from_params(config, params)
 
 
 # Quantization error bound per type, relative to the largest |weight|: a block of 32 values quantized to b bits
@@ -106,18 +108,18 @@ BOUNDS = {"F32": 0.0, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 1 / 127, "Q5_1": 2 / 31
 def test_every_quantized_type_loads_back(tmp_path, small, kind):
     config, state = small
     path = write_gguf(tmp_path / f"m.{kind}.gguf", config, state, gguf.GGMLQuantizationType[kind])
-    loaded_config, params = hf.load_pretrained(path)
+    loaded_config, params = loading.load_pretrained(path)
     assert loaded_config == config.replace(pad_token_id=None, initializer_range=0.02)  # not in GGUF files
-    back = hf.hf_state_from_params(loaded_config, params)
+    back = layout.hf_state_from_params(loaded_config, params)
     assert back.keys() == state.keys()
     for name, weight in state.items():
         error = np.abs(back[name] - weight).max()
         bound = BOUNDS[kind] * np.abs(weight).max()
         assert error <= bound + 1e-7, (name, error, bound)  # q/k rows unpermuted, or the error would be O(1)
     if kind == "F32":
-        logits = model.forward(config, hf.params_from_hf_state(config, state), np.array([[1, 5, 9, 3]]),
+        logits = decoder.forward(config, layout.params_from_hf_state(config, state), np.array([[1, 5, 9, 3]]),
                                np.ones((1, 4), np.int32))
-        np.testing.assert_array_equal(model.forward(loaded_config, params, np.array([[1, 5, 9, 3]]),
+        np.testing.assert_array_equal(decoder.forward(loaded_config, params, np.array([[1, 5, 9, 3]]),
                                                     np.ones((1, 4), np.int32)), logits)
 
 
@@ -125,7 +127,7 @@ def test_k_quant_tensors_take_the_shape_of_the_file(tmp_path):
     """The gguf package dequantizes Q2_K…Q6_K but cannot quantize them; bytes of each type stand in for a tensor."""
     config = LlamaConfig(vocab_size=8, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
-    state = hf.hf_state_from_params(config, jax.device_get(model.init_params(config, 0)))
+    state = layout.hf_state_from_params(config, jax.device_get(decoder.init_params(config, 0)))
     rng = np.random.default_rng(0)
     for kind in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
         qtype = gguf.GGMLQuantizationType[kind]
@@ -133,7 +135,7 @@ def test_k_quant_tensors_take_the_shape_of_the_file(tmp_path):
         data = rng.integers(0, 256, (8, 256 // block * size), dtype=np.uint8)
         data[:, :4] = np.frombuffer(np.float16([0.01, 0.001]).tobytes(), np.uint8)  # finite scales where they sit
         path = write_gguf(tmp_path / f"{kind}.gguf", config, state, raw={"token_embd.weight": (data, qtype)})
-        _, params = hf.load_pretrained(path)
+        _, params = loading.load_pretrained(path)
         expected = gguf.quants.dequantize(data, qtype)
         assert expected.shape == (8, 256)
         np.testing.assert_array_equal(np.asarray(params["embed_tokens"]), expected)
@@ -142,22 +144,22 @@ def test_k_quant_tensors_take_the_shape_of_the_file(tmp_path):
 def test_llama3_rope_factors_and_bad_files_are_named(tmp_path, small):
     config, state = small
     scaling = Llama3RopeScaling(8.0, 1.0, 4.0, 8192)
-    base = model.rope_inverse_frequencies(config.head_dim, config.rope_theta, None)
-    factors = base / model.rope_inverse_frequencies(config.head_dim, config.rope_theta, scaling)
+    base = decoder.rope_inverse_frequencies(config.head_dim, config.rope_theta, None)
+    factors = base / decoder.rope_inverse_frequencies(config.head_dim, config.rope_theta, scaling)
     assert factors.max() > 1.5  # the scaling changes some frequencies at this head size
     path = write_gguf(tmp_path / "llama3.gguf", config, state, rope_freqs=factors)
-    assert hf.load_config(path).rope_scaling == scaling
+    assert loading.load_config(path).rope_scaling == scaling
     odd = write_gguf(tmp_path / "odd.gguf", config, state, rope_freqs=factors * 1.1)
     with pytest.raises(ValueError, match="rope_freqs factors .* match no llama3 RoPE scaling"):
-        hf.load_config(odd)
+        loading.load_config(odd)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match=f"{truncated}: not a readable GGUF file"):
-        hf.load_pretrained(truncated)
+        loading.load_pretrained(truncated)
     wrong = write_gguf(tmp_path / "wrong.gguf", config.replace(hidden_size=32, num_attention_heads=2,
                                                               num_key_value_heads=1, head_dim=32), state)
     with pytest.raises(ValueError, match=r"wrong.gguf: tensor .* has shape"):
-        hf.load_pretrained(wrong)
+        loading.load_pretrained(wrong)
 
 
 def sentencepiece_vocabulary(model_file) -> dict:
@@ -180,7 +182,7 @@ def test_a_run_initialised_from_a_gguf_exports_a_hf_folder(tmp_path, small):
                                    pad_id=-1, minloglevel=2, num_threads=1)
     reference = tokenizer.load_tokenizer(_folder_with(tmp_path / "sp.model", tmp_path / "reference"))
     config = LlamaConfig.from_dict(load_config(DEFAULT_CONFIG).model)
-    state = hf.hf_state_from_params(config, jax.device_get(model.init_params(config, 3)))
+    state = layout.hf_state_from_params(config, jax.device_get(decoder.init_params(config, 3)))
     path = write_gguf(tmp_path / "tiny.gguf", config, state, tokenizer=sentencepiece_vocabulary(tmp_path / "sp.model"))
     from_gguf = tokenizer.load_tokenizer(path)
     for text in ("kindly help a neighbour", "Rating: 7 ### Reason: fair.", "  two  spaces, digits 2026\n"):
@@ -188,13 +190,13 @@ def test_a_run_initialised_from_a_gguf_exports_a_hf_folder(tmp_path, small):
     cfg = with_overrides(load_config(DEFAULT_CONFIG), **{"init_from": str(path), "train.steps": 1, "eval_every": 0,
                                                          "optimizer.learning_rate": 0.0, "optimizer.weight_decay": 0.0,
                                                          "checkpoint.every": 1})
-    train.run(cfg, tmp_path / "wd")
+    loop.run(cfg, tmp_path / "wd")
     out, _ = export.export(str(tmp_path / "wd"), str(tmp_path / "hf"))
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".json" and "token" not in p.name) == [
         "config.json", "generation_config.json"]
-    exported_config, params = hf.load_pretrained(out)
+    exported_config, params = loading.load_pretrained(out)
     assert math.isclose(exported_config.rope_theta, config.rope_theta)
-    for name, weight in hf.hf_state_from_params(exported_config, params).items():
+    for name, weight in layout.hf_state_from_params(exported_config, params).items():
         np.testing.assert_array_equal(weight, state[name])  # F32 file, learning rate 0: the same weights
     assert tokenizer.load_tokenizer(out).encode("kindly help") == reference.encode("kindly help")
 

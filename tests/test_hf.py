@@ -9,12 +9,13 @@ import torch
 import transformers
 
 from conftest import make_reference, right_padded_batch, torch_logits
-from sajax import hf, model
-from sajax.config import LlamaConfig
+from sajax.formats import hf, layout
+from sajax.model import decoder
+from sajax.model.config import LlamaConfig
 
 
 def _our_logits(config, params, ids, mask):
-    return np.asarray(model.forward(config, params, ids, mask))
+    return np.asarray(decoder.forward(config, params, ids, mask))
 
 
 def test_transformers_checkpoint_loads_and_matches(tmp_path, gqa_reference):
@@ -35,7 +36,7 @@ def test_sharded_checkpoint_with_index_loads(tmp_path, gqa_reference):
     config, params = hf.load_pretrained(tmp_path, scan_layers=True)
     assert config == reference_config.replace(scan_layers=True)
     assert params["layers"]["self_attn"]["q_proj"].shape[0] == config.num_hidden_layers
-    unrolled = model.unstack_layers(params, config.num_hidden_layers)
+    unrolled = decoder.unstack_layers(params, config.num_hidden_layers)
     assert jax.tree.all(jax.tree.map(np.array_equal, unrolled, reference_params))
 
 
@@ -60,7 +61,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path, layout):
         rope_parameters={"rope_type": "llama3", "rope_theta": 20000.0, "factor": 4.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 2.0, "original_max_position_embeddings": 8})
     config = config.replace(scan_layers=True)
-    params = model.stack_layers(params, config.num_hidden_layers)
+    params = decoder.stack_layers(params, config.num_hidden_layers)
     out = hf.save_pretrained(config, params, tmp_path / "export",
                              max_shard_bytes=30_000 if layout == "sharded" else 2**30)
     assert (out / "model.safetensors.index.json").is_file() == (layout == "sharded")
@@ -87,16 +88,16 @@ def test_bfloat16_export_round_trips(tmp_path, gqa_reference):
 
 def test_missing_and_misshapen_tensors_are_named(tmp_path, gqa_reference):
     _, config, params = gqa_reference
-    state = hf.hf_state_from_params(config, params)
+    state = layout.hf_state_from_params(config, params)
     broken = dict(state)
     del broken["model.layers.1.mlp.up_proj.weight"]
     broken["model.layers.9.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\], "
                                          r"unexpected \['model.layers.9.mlp.up_proj.weight'\]"):
-        hf.params_from_hf_state(config, broken)
+        layout.params_from_hf_state(config, broken)
     misshapen = dict(state, **{"model.norm.weight": np.ones(3, np.float32)})
     with pytest.raises(ValueError, match=r"model.norm.weight has shape \(3,\), the config implies \(64,\)"):
-        hf.params_from_hf_state(config, misshapen)
+        layout.params_from_hf_state(config, misshapen)
 
 
 def test_missing_files_are_named(tmp_path, gqa_reference):

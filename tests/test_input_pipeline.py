@@ -9,8 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from sajax import alignment_data, demo_data, input_pipeline, tokenizer
-from sajax.alignment_data import DataError, GroupSource
+from sajax.data import alignment, demo, pipeline
+from sajax.data.alignment import DataError, GroupSource
+from sajax.formats import tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,8 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "ds"
-    return alignment_data.write_tfds({"train": demo_data.synthetic_groups(20, seed=0),
-                                      "validation": demo_data.synthetic_groups(5, seed=1)}, out)
+    return alignment.write_tfds({"train": demo.synthetic_groups(20, seed=0),
+                                      "validation": demo.synthetic_groups(5, seed=1)}, out)
 
 
 def test_tfds_dataset_opens_with_plain_tfds_in_a_clean_process(tfds_dir):
@@ -105,7 +106,7 @@ def test_bad_files_are_named(tmp_path, tfds_dir):
 
 
 def test_truncation_keeps_prompt_end_and_response_start(tok):
-    enc = input_pipeline.GroupEncoder(tok, max_len=10, max_prompt_len=4, num_comp=2)
+    enc = pipeline.GroupEncoder(tok, max_len=10, max_prompt_len=4, num_comp=2)
     prompt, response = list(range(100, 110)), list(range(200, 210))
     tokens, start = enc.pack(prompt, response)
     assert tokens == [tok.bos_token_id, 106, 107, 108, 109, 200, 201, 202, 203, 204] and start == 5
@@ -116,7 +117,7 @@ def test_truncation_keeps_prompt_end_and_response_start(tok):
 
 
 def test_encoded_group_masks_prompt_and_pads(tok):
-    enc = input_pipeline.GroupEncoder(tok, max_len=48, max_prompt_len=24, num_comp=3)
+    enc = pipeline.GroupEncoder(tok, max_len=48, max_prompt_len=24, num_comp=3)
     group = {"query": "### Instruction:\nBe kind?\n\n### Response:", "responses": ["Yes, always.", "No."],
              "scores": [6.0, 2.0]}
     out = enc.encode(group, [0, 1])
@@ -130,7 +131,7 @@ def test_encoded_group_masks_prompt_and_pads(tok):
         assert out["attention_mask"][row].sum() == n
     assert out["scores"].tolist() == [6.0, 2.0, 0.0] and out["loss_mask"][2].sum() == 0
     with pytest.raises(ValueError, match="data.max_prompt_len must be in 1..max_len-2"):
-        input_pipeline.GroupEncoder(tok, max_len=8, max_prompt_len=8, num_comp=1)
+        pipeline.GroupEncoder(tok, max_len=8, max_prompt_len=8, num_comp=1)
 
 
 def test_chat_format_puts_instruction_and_input_in_the_template_and_ends_with_end_of_turn(tok):
@@ -138,7 +139,7 @@ def test_chat_format_puts_instruction_and_input_in_the_template_and_ends_with_en
     chat_tok.chat_template = ("{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}{% if m['role'] == "
                               "'assistant' %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}<s>[assistant] "
                               "{% endif %}")
-    enc = input_pipeline.GroupEncoder(chat_tok, max_len=64, max_prompt_len=40, num_comp=2, chat=True)
+    enc = pipeline.GroupEncoder(chat_tok, max_len=64, max_prompt_len=40, num_comp=2, chat=True)
     group = {"query": "### Instruction:\nBe kind?\n\n### Input:\nA draft.\n\n### Response:",
              "instruction": "Be kind?", "input": "A draft.", "responses": ["Yes, always."], "scores": [6.0]}
     prompt = tokenizer.encode_chat(chat_tok, "Be kind?\n\nA draft.")
@@ -153,13 +154,13 @@ def test_chat_format_puts_instruction_and_input_in_the_template_and_ends_with_en
     release = {"query": "Be kind?", "responses": ["Yes."], "scores": [6.0]}  # release format: no instruction
     assert enc.prompt_ids(release) == tokenizer.encode_chat(chat_tok, "Be kind?")
     with pytest.raises(ValueError, match="prompt_format is 'chat' but the tokenizer has no chat template"):
-        input_pipeline.GroupEncoder(tok, max_len=64, max_prompt_len=40, num_comp=2, chat=True)
+        pipeline.GroupEncoder(tok, max_len=64, max_prompt_len=40, num_comp=2, chat=True)
 
 
 def test_stream_is_deterministic_resumable_and_resamples_each_epoch(tok, tfds_dir):
     source = GroupSource(tfds_dir, "train")
-    enc = input_pipeline.GroupEncoder(tok, max_len=32, max_prompt_len=16, num_comp=2)
-    make = lambda: iter(input_pipeline.train_dataset(source, enc, batch_size=4, seed=3))  # noqa: E731
+    enc = pipeline.GroupEncoder(tok, max_len=32, max_prompt_len=16, num_comp=2)
+    make = lambda: iter(pipeline.train_dataset(source, enc, batch_size=4, seed=3))  # noqa: E731
     a, b = make(), make()
     first = [next(a) for _ in range(12)]  # 12 batches × 4 = 48 groups: more than two epochs of 20
     for x, y in zip(first, [next(b) for _ in range(12)]):
@@ -181,11 +182,11 @@ def test_stream_is_deterministic_resumable_and_resamples_each_epoch(tok, tfds_di
 def test_processes_split_each_global_batch_into_the_batches_of_one_process(tok, tfds_dir):
     # P processes each yield their block of rows of every global batch; side by side they are the batches of one
     # process, so a run's batches do not depend on how many processes read them
-    enc = input_pipeline.GroupEncoder(tok, max_len=32, max_prompt_len=16, num_comp=3)
+    enc = pipeline.GroupEncoder(tok, max_len=32, max_prompt_len=16, num_comp=3)
     source = GroupSource(tfds_dir, "validation")  # 5 groups → global batches of 4: 4, then 1 + 3 padding
-    one = list(input_pipeline.eval_batches(source, enc, batch_size=4, seed=0))
+    one = list(pipeline.eval_batches(source, enc, batch_size=4, seed=0))
     for count in (2, 4):
-        per_process = [list(input_pipeline.eval_batches(source, enc, batch_size=4, seed=0, process_index=p,
+        per_process = [list(pipeline.eval_batches(source, enc, batch_size=4, seed=0, process_index=p,
                                                         process_count=count)) for p in range(count)]
         assert [len(b) for b in per_process] == [2] * count
         for g, whole in enumerate(one):
@@ -193,22 +194,22 @@ def test_processes_split_each_global_batch_into_the_batches_of_one_process(tok, 
                 np.testing.assert_array_equal(np.concatenate([b[g][key] for b in per_process]), whole[key])
     assert int(one[1]["valid"].any(axis=1).sum()) == 1
     train_source = GroupSource(tfds_dir, "train")  # 20 groups: 6 batches of 8 cover two epochs and a half
-    single = iter(input_pipeline.train_dataset(train_source, enc, batch_size=8, seed=0))
-    streams = [iter(input_pipeline.train_dataset(train_source, enc, batch_size=8, seed=0, process_index=p,
+    single = iter(pipeline.train_dataset(train_source, enc, batch_size=8, seed=0))
+    streams = [iter(pipeline.train_dataset(train_source, enc, batch_size=8, seed=0, process_index=p,
                                                  process_count=2)) for p in range(2)]
     for _ in range(6):
         whole, parts = next(single), [next(s) for s in streams]
         for key in whole:
             np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), whole[key])
     with pytest.raises(ValueError, match="batch size 8 is not divisible by 3 processes"):
-        input_pipeline.train_dataset(train_source, enc, batch_size=8, seed=0, process_count=3)
+        pipeline.train_dataset(train_source, enc, batch_size=8, seed=0, process_count=3)
 
 
 def test_write_tfds_replaces_only_when_complete(tmp_path):
-    out = alignment_data.write_tfds({"train": demo_data.synthetic_groups(3, seed=0)}, tmp_path / "ds")
+    out = alignment.write_tfds({"train": demo.synthetic_groups(3, seed=0)}, tmp_path / "ds")
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(DataError, match="train record 1: 2 responses but 1 scores"):
-        alignment_data.write_tfds({"train": [demo_data.synthetic_groups(1, 0)[0],
+        alignment.write_tfds({"train": [demo.synthetic_groups(1, 0)[0],
                                              {"query": "q", "responses": ["a", "b"], "scores": [1.0]}]}, out)
     assert sorted(p.name for p in out.iterdir()) == before and len(GroupSource(out)) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
@@ -217,10 +218,10 @@ def test_write_tfds_replaces_only_when_complete(tmp_path):
 def test_reference_logps_follow_their_records_across_epochs(tok, tfds_dir):
     source = GroupSource(tfds_dir, "train")  # 20 groups
     scores = [np.asarray(source[i]["scores"], np.float32) for i in range(len(source))]
-    reference = input_pipeline.ReferenceLogps(np.concatenate([[0], np.cumsum([len(s) for s in scores])]),
+    reference = pipeline.ReferenceLogps(np.concatenate([[0], np.cumsum([len(s) for s in scores])]),
                                               np.concatenate(scores))  # reference value = the response's score
-    enc = input_pipeline.GroupEncoder(tok, max_len=32, max_prompt_len=16, num_comp=2)
-    stream = iter(input_pipeline.train_dataset(source, enc, batch_size=4, seed=1, reference=reference))
+    enc = pipeline.GroupEncoder(tok, max_len=32, max_prompt_len=16, num_comp=2)
+    stream = iter(pipeline.train_dataset(source, enc, batch_size=4, seed=1, reference=reference))
     for _ in range(15):  # three epochs
         batch = next(stream)
         np.testing.assert_array_equal(batch["reference_logp"][batch["valid"]], batch["scores"][batch["valid"]])

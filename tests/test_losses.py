@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sajax import losses
+from sajax.train import losses
 
 jax.config.update("jax_enable_x64", False)
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import make_reference, right_padded_batch, torch_logits
-from sajax import hf, model
-from sajax.config import Llama3RopeScaling, LlamaConfig
+from sajax.formats import layout
+from sajax.model import decoder
+from sajax.model.config import Llama3RopeScaling, LlamaConfig
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -29,7 +30,7 @@ def test_logits_match_transformers(name):
     torch_model, config, params = make_reference(seed=7, **PARITY_CONFIGS[name])
     ids, mask = right_padded_batch(config.vocab_size)
     expected = torch_logits(torch_model, ids, mask)
-    got = np.asarray(model.forward(config, params, jnp.asarray(ids), jnp.asarray(mask)))
+    got = np.asarray(decoder.forward(config, params, jnp.asarray(ids), jnp.asarray(mask)))
     valid = mask.astype(bool)
     assert np.abs(expected[valid]).max() > 1.0  # logits are large enough for the bound to mean something
     assert np.abs(got - expected)[valid].max() <= 1e-4
@@ -48,19 +49,19 @@ def test_config_kinds_are_covered():
 def test_scan_and_remat_give_same_logits(gqa_reference, options):
     _, config, params = gqa_reference
     ids, mask = right_padded_batch(config.vocab_size)
-    expected = np.asarray(model.forward(config, params, ids, mask))
+    expected = np.asarray(decoder.forward(config, params, ids, mask))
     variant = config.replace(**options)
-    variant_params = model.stack_layers(params, config.num_hidden_layers) if variant.scan_layers else params
-    got = np.asarray(model.forward(variant, variant_params, ids, mask))
+    variant_params = decoder.stack_layers(params, config.num_hidden_layers) if variant.scan_layers else params
+    got = np.asarray(decoder.forward(variant, variant_params, ids, mask))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
 def test_scanned_params_have_layer_axis_and_logical_names():
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, scan_layers=True)
-    shapes = model.param_shapes(config)
+    shapes = decoder.param_shapes(config)
     assert shapes["layers"]["self_attn"]["q_proj"].shape == (3, 32, 4, 8)
-    axes = model.param_logical_axes(config)
+    axes = decoder.param_logical_axes(config)
     assert tuple(axes["layers"]["self_attn"]["k_proj"]) == ("layers", "embed", "kv_heads", "head_dim")
     assert tuple(axes["embed_tokens"]) == ("vocab", "embed")
     assert tuple(axes["lm_head"]) == ("embed", "vocab")
@@ -73,21 +74,21 @@ def test_scanned_params_have_layer_axis_and_logical_names():
 def test_init_params_count_and_dtype():
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, param_dtype="bfloat16", dtype="bfloat16")
-    params = model.init_params(config, 0)
+    params = decoder.init_params(config, 0)
     leaves = jax.tree.leaves(params)
     assert sum(x.size for x in leaves) == config.num_params()
     assert {x.dtype for x in leaves} == {jnp.dtype("bfloat16")}
-    logits = model.forward(config, params, jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+    logits = decoder.forward(config, params, jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
     assert logits.dtype == jnp.float32 and np.isfinite(np.asarray(logits)).all()
 
 
 def test_padding_does_not_change_real_positions(gqa_reference):
     _, config, params = gqa_reference
     ids, mask = right_padded_batch(config.vocab_size, lengths=(12, 12))
-    short = np.asarray(model.forward(config, params, ids[:1, :12], mask[:1, :12]))
+    short = np.asarray(decoder.forward(config, params, ids[:1, :12], mask[:1, :12]))
     padded_ids = np.concatenate([ids[:1, :12], np.full((1, 20), 5, np.int32)], axis=1)
     padded_mask = np.concatenate([mask[:1, :12], np.zeros((1, 20), np.int32)], axis=1)
-    long = np.asarray(model.forward(config, params, padded_ids, padded_mask))
+    long = np.asarray(decoder.forward(config, params, padded_ids, padded_mask))
     np.testing.assert_allclose(long[:, :12], short, atol=1e-5, rtol=0)
 
 
@@ -127,8 +128,8 @@ def test_unknown_model_field_is_named():
 
 
 def test_rope_llama3_frequencies_scale_only_long_wavelengths():
-    plain = model.rope_inverse_frequencies(64, 500000.0, None)
-    scaled = model.rope_inverse_frequencies(64, 500000.0, Llama3RopeScaling(8.0, 1.0, 4.0, 8192))
+    plain = decoder.rope_inverse_frequencies(64, 500000.0, None)
+    scaled = decoder.rope_inverse_frequencies(64, 500000.0, Llama3RopeScaling(8.0, 1.0, 4.0, 8192))
     wavelength = 2 * np.pi / plain
     np.testing.assert_array_equal(scaled[wavelength < 8192 / 4], plain[wavelength < 8192 / 4])
     np.testing.assert_allclose(scaled[wavelength > 8192], plain[wavelength > 8192] / 8.0, rtol=1e-6)
@@ -136,7 +137,7 @@ def test_rope_llama3_frequencies_scale_only_long_wavelengths():
 
 def test_hf_state_round_trip_is_exact(gqa_reference):
     _, config, params = gqa_reference
-    back = hf.params_from_hf_state(config, hf.hf_state_from_params(config, params))
+    back = layout.params_from_hf_state(config, layout.hf_state_from_params(config, params))
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), params, back))
 
 
@@ -145,14 +146,14 @@ def test_gradients_match_transformers(gqa_reference):
     blocks of the blocked causal attention (its custom VJP), the last one partial, and padding queries."""
     torch_model, config, params = gqa_reference
     ids, mask = right_padded_batch(config.vocab_size, lengths=(70, 53, 33, 1))
-    assert len(model.query_blocks(70, model.causal_block_size(70))) == 3
+    assert len(decoder.query_blocks(70, decoder.causal_block_size(70))) == 3
 
     def loss(p):
-        logits = model.forward(config, p, ids, mask)[:, :-1]
+        logits = decoder.forward(config, p, ids, mask)[:, :-1]
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1)[..., 0]
         return jnp.sum(nll * mask[:, 1:]) / jnp.sum(mask[:, 1:])
 
-    grads = hf.hf_state_from_params(config, jax.grad(loss)(params))
+    grads = layout.hf_state_from_params(config, jax.grad(loss)(params))
     torch_model.zero_grad(set_to_none=True)
     labels = torch.as_tensor(np.where(mask == 1, ids, -100), dtype=torch.long)
     torch_model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask),

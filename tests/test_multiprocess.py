@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import with_overrides
-from sajax import alignment_data
 from sajax.config_files import load_config
+from sajax.data import alignment
 from sim import dataset, run, store
 
 BIN = os.path.dirname(sys.executable)
@@ -81,7 +81,7 @@ def _files(directory: Path) -> dict:
 def _records(path: Path) -> dict:
     """Every record of both splits, arrays as lists (comparable with ==)."""
     plain = lambda value: value.tolist() if hasattr(value, "tolist") else value  # noqa: E731
-    sources = {split: alignment_data.GroupSource(path, split) for split in ("train", "validation")}
+    sources = {split: alignment.GroupSource(path, split) for split in ("train", "validation")}
     return {split: [{k: plain(v) for k, v in source[i].items()} for i in range(len(source))]
             for split, source in sources.items()}
 

@@ -1,4 +1,4 @@
-"""Shared-prompt packing (`sajax.packing`) equals the padded layout: the same per-response NLLs, and so the same
+"""Shared-prompt packing (`sajax.data.packing`) equals the padded layout: the same per-response NLLs, and so the same
 losses, metrics and gradients for every objective, with ragged K, truncated prompts and responses, several
 groups per row, groups split over rows, gradient accumulation and device blocks."""
 
@@ -10,10 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sajax import alignment_data, input_pipeline, losses, model, packing, reference, sharding, tokenizer
-from sajax import train_step as ts
-from sajax.config import LlamaConfig
 from sajax.config_files import load_module
+from sajax.data import alignment, packing, pipeline
+from sajax.formats import tokenizer
+from sajax.model import decoder
+from sajax.model.config import LlamaConfig
+from sajax.parallel import sharding
+from sajax.train import losses, reference
+from sajax.train import step as ts
 
 MAX_LEN, MAX_PROMPT = 40, 12
 WORDS = "people share the road kindly and help others when they can because trust grows slowly".split()
@@ -22,7 +26,7 @@ WORDS = "people share the road kindly and help others when they can because trus
 @pytest.fixture(scope="module")
 def encoder():
     tok = tokenizer.demo_tokenizer(400)
-    return input_pipeline.GroupEncoder(tok, MAX_LEN, MAX_PROMPT, num_comp=3)
+    return pipeline.GroupEncoder(tok, MAX_LEN, MAX_PROMPT, num_comp=3)
 
 
 def _text(rng, words):
@@ -50,7 +54,7 @@ def groups(encoder):
 def params():
     config = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
-    return config, model.init_params(config, 5)
+    return config, decoder.init_params(config, 5)
 
 
 def _train_cfg(objective, accumulate=1):
@@ -75,7 +79,7 @@ def test_the_data_exercises_truncation_and_shared_prompts(groups, encoder):
     # each prompt once per unit: Σ over units of prompt + Σ (1 + response) tokens
     assert packing.non_padding_tokens(packed) == sum(u.length for us in units for u in us) < padded_tokens
     raw = packing.Packer(3 * MAX_LEN, encoder.num_comp, encoder.pad_id)(groups)
-    assert packing.rows_of(raw) * 3 * MAX_LEN < input_pipeline.stack(groups)["tokens"].size  # fewer positions
+    assert packing.rows_of(raw) * 3 * MAX_LEN < pipeline.stack(groups)["tokens"].size  # fewer positions
     assert (packed["segment_ids"].max(axis=1) > 1).any()  # several units share a row
 
 
@@ -90,7 +94,7 @@ def test_split_unit_repeats_its_prompt_and_bad_row_length_is_named(groups, encod
 
 def test_response_nll_equals_padded_layout(groups, encoder, params):
     config, p = params
-    padded = ts.response_nll(config, p, input_pipeline.stack(groups), 8)
+    padded = ts.response_nll(config, p, pipeline.stack(groups), 8)
     packed = ts.response_nll(config, p, _packed(groups, encoder, row_len=64), 8)
     np.testing.assert_array_equal(packed.count, padded.count)
     np.testing.assert_allclose(packed.total, padded.total, rtol=1e-5, atol=1e-5)
@@ -117,7 +121,7 @@ def test_every_objective_has_the_loss_metrics_and_gradient_of_the_padded_layout(
     """Every objective is a function of the per-response NLL sums, so ∇L = J_nllᵀ · ∂L/∂nll: one compiled VJP
     of the NLLs per layout serves all four objectives (fp32; the NLLs differ only in summation order, ≈1e-7)."""
     config, p = params
-    layouts = {"padded": input_pipeline.stack(groups), "packed": _packed(groups, encoder)}
+    layouts = {"padded": pipeline.stack(groups), "packed": _packed(groups, encoder)}
 
     @jax.jit
     def nll_and_vjp(params, batch, cotangent):  # (NLL totals, counts) [B, K] and cotangent · ∂totals/∂params
@@ -151,7 +155,7 @@ def test_accumulated_step_on_device_blocks_equals_the_padded_layout(groups, enco
     train_cfg = _train_cfg("stable_alignment", accumulate=2)
     step = jax.jit(lambda params, batch: ts.accumulated_gradients(params, batch, config=config,
                                                                   train_cfg=train_cfg))
-    grads_padded, sums_padded = step(p, input_pipeline.stack(groups))
+    grads_padded, sums_padded = step(p, pipeline.stack(groups))
     grads_packed, sums_packed = step(p, _packed(groups, encoder, blocks=2, micro_batches=2))
     _assert_sums_equal(sums_packed, sums_padded)
     _assert_grads_equal(grads_packed, grads_padded)
@@ -159,7 +163,7 @@ def test_accumulated_step_on_device_blocks_equals_the_padded_layout(groups, enco
 
 def test_eval_sums_equal_padded_layout(groups, encoder, params):
     config, p = params
-    padded = ts.eval_sums(p, input_pipeline.stack(groups), config=config, chunk_size=8)
+    padded = ts.eval_sums(p, pipeline.stack(groups), config=config, chunk_size=8)
     packed = ts.eval_sums(p, _packed(groups, encoder), config=config, chunk_size=8)
     for name in padded:
         np.testing.assert_allclose(packed[name].total, padded[name].total, rtol=1e-5)
@@ -169,7 +173,7 @@ def test_eval_sums_equal_padded_layout(groups, encoder, params):
 def test_packed_mask_is_causal_within_a_span_and_its_prompt():
     segment = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2, 0]])
     span = jnp.array([[0, 1, 1, 2, 2, 0, 3, 3, 0]])
-    mask = np.asarray(model.packed_attention_mask(segment, span))[0].astype(int)
+    mask = np.asarray(decoder.packed_attention_mask(segment, span))[0].astype(int)
     expected = np.array([[1, 0, 0, 0, 0, 0, 0, 0, 0],
                          [1, 1, 0, 0, 0, 0, 0, 0, 0],
                          [1, 1, 1, 0, 0, 0, 0, 0, 0],
@@ -191,8 +195,8 @@ def test_packed_reference_logps_equal_one_response_per_row(params, tmp_path):
                 "responses": [_text(rng, int(rng.integers(1, 31))) for _ in range((1, 3, 2)[i % 3])],
                 "scores": [3.0] * (1, 3, 2)[i % 3]} for i in range(7)]
     (tmp_path / "release.json").write_text(json.dumps(records))
-    source = alignment_data.GroupSource(tmp_path / "release.json")
-    encoder = input_pipeline.GroupEncoder(tokenizer.demo_tokenizer(400), MAX_LEN, MAX_PROMPT, num_comp=2)
+    source = alignment.GroupSource(tmp_path / "release.json")
+    encoder = pipeline.GroupEncoder(tokenizer.demo_tokenizer(400), MAX_LEN, MAX_PROMPT, num_comp=2)
     mesh = sharding.make_mesh()
     with sharding.activation_rules(mesh):
         padded = reference.compute(p, config, encoder, source, mesh, batch_size=8, chunk_size=8)

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from sajax import train as train_lib
 from sajax.config_files import bundled_config, load_config
+from sajax.train import loop as train_lib
 from sim import pipeline, run, store
 
 

@@ -8,9 +8,8 @@ import openai
 import pytest
 
 from conftest import with_overrides
-from sajax import generate, serve
 from sajax.config_files import bundled_config, load_config
-from sajax.evals import lm
+from sajax.infer import generate, lm, serve
 from sim import run, store
 from sim.embedders import LocalModelEmbedder, OpenAIEmbedder
 from sim.openai_backend import OpenAIClient

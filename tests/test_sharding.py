@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import make_reference, right_padded_batch
-from sajax import model, sharding
+from sajax.model import decoder
+from sajax.parallel import sharding
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def reference():
 
 def _loss(config, params, ids, mask):
     """Mean next-token cross-entropy over real tokens."""
-    logits = model.forward(config, params, ids, mask)
+    logits = decoder.forward(config, params, ids, mask)
     logprobs = jax.nn.log_softmax(logits[:, :-1])
     nll = -jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
     weights = mask[:, 1:] * mask[:, :-1]
@@ -31,12 +32,12 @@ def _loss(config, params, ids, mask):
 
 def _run_on(mesh, config, params, ids, mask):
     """Forward logits and the loss's gradients, jitted with explicit in/out shardings on `mesh`."""
-    param_sh = sharding.param_shardings(config, mesh)
+    param_sh = decoder.param_shardings(config, mesh)
     batch_sh = sharding.batch_sharding(mesh, 2)
     params = jax.device_put(params, param_sh)
     ids, mask = jax.device_put(ids, batch_sh), jax.device_put(mask, batch_sh)
     with sharding.activation_rules(mesh):
-        logits = jax.jit(functools.partial(model.forward, config), in_shardings=(param_sh, batch_sh, batch_sh),
+        logits = jax.jit(functools.partial(decoder.forward, config), in_shardings=(param_sh, batch_sh, batch_sh),
                          out_shardings=sharding.batch_sharding(mesh, 3))(params, ids, mask)
         grads = jax.jit(jax.grad(functools.partial(_loss, config)), in_shardings=(param_sh, batch_sh, batch_sh),
                         out_shardings=param_sh)(params, ids, mask)
@@ -74,15 +75,15 @@ def test_eight_devices_match_one_device(reference):
 def test_scanned_layers_shard_with_a_replicated_layer_axis(reference):
     _, config, _ = reference
     scanned = config.replace(scan_layers=True)
-    shardings = sharding.param_shardings(scanned, sharding.make_mesh(data=2, fsdp=2, tensor=2))
+    shardings = decoder.param_shardings(scanned, sharding.make_mesh(data=2, fsdp=2, tensor=2))
     assert shardings["layers"]["mlp"]["gate_proj"].spec == P(None, "fsdp", "tensor")
 
 
 def _sharded_opt_state(tx, config, params):
     """(param shardings, optimizer-state shardings, the state initialised with them) on a (2, 2, 2) mesh."""
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    param_sh = sharding.param_shardings(config, mesh)
-    state_sh = sharding.opt_state_shardings(tx, model.param_shapes(config), param_sh, mesh)
+    param_sh = decoder.param_shardings(config, mesh)
+    state_sh = sharding.opt_state_shardings(tx, decoder.param_shapes(config), param_sh, mesh)
     return param_sh, state_sh, jax.jit(tx.init, out_shardings=state_sh)(jax.device_put(params, param_sh))
 
 
@@ -110,7 +111,7 @@ def test_make_mesh_sizes_and_errors():
 def test_indivisible_parameter_is_named(gqa_reference):
     _, config, _ = gqa_reference  # vocab 101
     with pytest.raises(ValueError, match=r"parameter embed_tokens dim 0 has size 101, not divisible"):
-        sharding.param_shardings(config, sharding.make_mesh(data=2, fsdp=2, tensor=2))
+        decoder.param_shardings(config, sharding.make_mesh(data=2, fsdp=2, tensor=2))
 
 
 def test_factored_optimizer_state_is_replicated_where_shapes_differ(reference):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import JsonServer, with_overrides
-from sajax import alignment_data
 from sajax.config_files import load_config
+from sajax.data import alignment
 from sim import dataset, engine, openai_backend, run, store
 from sim.openai_backend import BackendError
 
@@ -167,7 +167,7 @@ def test_dataset_flags_and_output_folder_are_checked(tmp_path):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
     for out in (unrelated, a_file):
-        with pytest.raises(alignment_data.DataError, match=f"{out}: exists and is .*refusing to replace it"):
+        with pytest.raises(alignment.DataError, match=f"{out}: exists and is .*refusing to replace it"):
             dataset.build(records, out, validation_percent=0)
     assert (unrelated / "cat.jpg").read_bytes() == b"\xff\xd8" and a_file.read_text() == "keep me"
     dataset.build(records, tmp_path / "ds", validation_percent=0)

@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 
 from conftest import with_overrides
-from sajax import alignment_data, train
 from sajax.config_files import load_config
+from sajax.data import alignment
+from sajax.train import loop
 from sim import dataset, original, run, store
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -93,7 +94,7 @@ def test_the_original_logs_convert_with_failure_values_missing(cache):
 def test_converted_data_holds_only_ratings_and_no_duplicates(cache, tmp_path):
     records, _ = original.convert([cache])
     dataset.build(records, tmp_path / "ds", ratios=None, validation_percent=0)
-    source = alignment_data.GroupSource(tmp_path / "ds", "train")
+    source = alignment.GroupSource(tmp_path / "ds", "train")
     groups = [source[i] for i in range(len(source))]
     scores = np.concatenate([g["scores"] for g in groups])
     assert len(scores) and scores.min() >= 1.0 and scores.max() <= 7.0
@@ -110,7 +111,7 @@ def test_the_cli_converts_a_cache_folder_and_the_trainer_trains_on_it(cache, tmp
         result.stdout
     cfg = with_overrides(load_config(CONFIGS / "tiny.py"), **{"data.path": str(tmp_path / "ds"), "train.steps": 2,
                                                               "eval_every": 0, "log_every": 1})
-    train.run(cfg, tmp_path / "run")
+    loop.run(cfg, tmp_path / "run")
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "train/loss" in x] == [1, 2] and np.isfinite(lines[-1]["train/loss"])
 
@@ -137,8 +138,8 @@ def test_release_files_with_failure_scores_are_named_or_dropped(tmp_path):
     release[4]["scores"] = [-1, -1, -1]  # imitation scores from unparsed observers
     path = tmp_path / "sandbox.json"
     pd.DataFrame(release).to_json(path, orient="records", indent=2)  # as collect_data.py writes its release
-    source = alignment_data.GroupSource(path)
-    with pytest.raises(alignment_data.DataError, match=rf"{path} record 1: field 'scores\[0\]' is 8, outside .*; "
+    source = alignment.GroupSource(path)
+    with pytest.raises(alignment.DataError, match=rf"{path} record 1: field 'scores\[0\]' is 8, outside .*; "
                                                        rf"{path} record 4: field 'scores\[0\]' is -1, outside .*2 "
                                                        r"records hold invalid scores; set data.drop_invalid_scores"):
         source.validate((1.0, 7.0))
@@ -146,8 +147,8 @@ def test_release_files_with_failure_scores_are_named_or_dropped(tmp_path):
     assert (dropped.responses, dropped.groups) == (4, 1) and len(source) == 5
     assert source[1]["responses"] == ["B.", "C."] and source[1]["scores"].tolist() == [5.0, 2.0]
     cfg = with_overrides(load_config(CONFIGS / "tiny.py"), **{"data.path": str(path)})
-    with pytest.raises(alignment_data.DataError, match="2 records hold invalid scores"):
-        train.prepare(cfg, tmp_path / "wd")
+    with pytest.raises(alignment.DataError, match="2 records hold invalid scores"):
+        loop.prepare(cfg, tmp_path / "wd")
     cfg.data.drop_invalid_scores = True
-    assert len(train.prepare(cfg, tmp_path / "wd").sources[0]) == 5
+    assert len(loop.prepare(cfg, tmp_path / "wd").sources[0]) == 5
     assert not (tmp_path / "wd").exists()  # checks only

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import JsonServer, with_overrides
-from sajax import alignment_data, train
 from sajax.config_files import load_config
+from sajax.data import alignment
+from sajax.train import loop
 from sim import calibrate, dataset, prompts, run, store
 from sim.backends import Rating
 
@@ -57,7 +58,7 @@ def test_dataset_kinds_split_and_plain_tfds(tmp_path):
     run.simulate(sim_config(rounds=3, **{"world.grid_size": 4}), tmp_path / "w")
     out = tmp_path / "ds"
     counts = dataset.build(store.read_records(tmp_path / "w"), out)
-    assert all(counts["train"][k] > 0 for k in alignment_data.KINDS)
+    assert all(counts["train"][k] > 0 for k in alignment.KINDS)
     imitation, others = counts["train"]["imitation"], counts["train"]["self_critic"]
     assert imitation >= 3 * others  # sampled towards 5 : 1 : 1
     code = ("import sys, tensorflow_datasets as tfds\n"
@@ -132,7 +133,7 @@ def test_local_backend_world_feeds_the_trainer(tmp_path):
     train_cfg.data.path = str(tmp_path / "ds")
     train_cfg.train.steps = 2
     train_cfg.eval_every = 0
-    train.run(train_cfg, tmp_path / "train")
+    loop.run(train_cfg, tmp_path / "train")
     assert (tmp_path / "train" / "checkpoints" / "2").is_dir()
 
 
@@ -163,8 +164,10 @@ def test_memories_are_seeded_from_the_prior_by_label(tmp_path):
 
 
 def test_local_ratings_equal_scoring_each_rating(tmp_path):
-    from sajax import generate, model, tokenizer
-    from sajax.config import LlamaConfig
+    from sajax.formats import tokenizer
+    from sajax.infer import generate
+    from sajax.model import decoder
+    from sajax.model.config import LlamaConfig
     from sim.backends import Request
     from sim.local_backend import LocalBackend
     from sim.prompts import Prompt
@@ -172,7 +175,7 @@ def test_local_ratings_equal_scoring_each_rating(tmp_path):
     tok = tokenizer.train_tokenizer(tokenizer.demo_corpus(), tmp_path / "tok", vocab_size=512)
     config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, initializer_range=0.5)
-    params = model.init_params(config, 4)
+    params = decoder.init_params(config, 4)
     instructions = ["Question: Is it kind? Answer: yes.", "Question: Lie? Answer: sure.", "Rate it."]
     prompts = [Prompt(text, "Rating:", prefill=True) for text in instructions + instructions[:1]]
     encoded = [tok.encode(p.completion) for p in prompts]  # no chat template: completion prompts

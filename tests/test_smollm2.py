@@ -6,7 +6,11 @@ import pytest
 import torch
 import transformers
 
-from sajax import generate, hf, input_pipeline, known_models, model, packing, tokenizer, train_step
+from sajax.data import packing, pipeline
+from sajax.formats import known_models, loading, tokenizer
+from sajax.infer import generate
+from sajax.model import decoder
+from sajax.train import step as ts
 from sim import calibrate, prompts
 from sim.backends import Request
 from sim.local_backend import LocalBackend
@@ -18,7 +22,7 @@ CHATS = ["Is it acceptable to lie to protect a friend's feelings?", "What should
 @pytest.fixture(scope="module")
 def smollm2():
     path = known_models.fetch("SmolLM2-135M-Instruct")
-    config, params = hf.load_pretrained(path)
+    config, params = loading.load_pretrained(path)
     return path, config, params, tokenizer.load_tokenizer(path)
 
 
@@ -51,7 +55,7 @@ def test_gguf_logits_equal_transformers(smollm2, reference):
     mask = np.zeros_like(ids)
     for i, row in enumerate(rows):
         ids[i, :len(row)], mask[i, :len(row)] = row, 1
-    ours = np.asarray(model.forward(config, params, ids, mask))
+    ours = np.asarray(decoder.forward(config, params, ids, mask))
     with torch.no_grad():
         theirs = torch_model(input_ids=torch.as_tensor(ids, dtype=torch.long),
                              attention_mask=torch.as_tensor(mask, dtype=torch.long)).logits.numpy()
@@ -136,7 +140,7 @@ def test_packed_chat_groups_score_like_padded_rows(smollm2):
     ending the prompt, <|im_end|> ending each response), with truncated prompts and responses: the same
     per-response NLL as one padded row per response."""
     _, config, params, tok = smollm2
-    encoder = input_pipeline.GroupEncoder(tok, 48, 24, num_comp=3, chat=True)
+    encoder = pipeline.GroupEncoder(tok, 48, 24, num_comp=3, chat=True)
     groups = [encoder.encode({"query": q, "instruction": q, "responses": responses, "scores": [5.0, 2.0, 4.0]},
                              [0, 1, 2])
               for q, responses in zip(CHATS, (
@@ -145,10 +149,10 @@ def test_packed_chat_groups_score_like_padded_rows(smollm2):
                   ["Hand it to the police.", "Keep the cash.", "Look for an ID and contact the owner."],
                   ["Drink a glass of water.", "Check your phone first.", "Stretch for five minutes."]))]
     assert any(g["attention_mask"].sum(-1).max() == 48 for g in groups)  # a truncated row
-    padded = train_step.response_nll(config, params, input_pipeline.stack(groups), 16)
+    padded = ts.response_nll(config, params, pipeline.stack(groups), 16)
     packer = packing.Packer(96, encoder.num_comp, encoder.pad_id)
     rows = packer(groups)
-    packed = train_step.response_nll(config, params, packing.flatten(rows, packing.rows_of(rows)), 16)
+    packed = ts.response_nll(config, params, packing.flatten(rows, packing.rows_of(rows)), 16)
     np.testing.assert_array_equal(packed.count, padded.count)
     np.testing.assert_allclose(packed.total, padded.total, rtol=1e-5)
     assert float(np.mean(padded.value)) < 6  # a real model's NLL of fluent answers (random: log 49152 ≈ 10.8)

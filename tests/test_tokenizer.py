@@ -5,7 +5,7 @@ import shutil
 import pytest
 import transformers
 
-from sajax import tokenizer
+from sajax.formats import tokenizer
 
 TEXT = "Honesty matters: return the wallet, all 120 dollars of it. Ünïcode → bytes."
 

@@ -17,13 +17,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import with_overrides
-from sajax import alignment_data, checkpoint, demo_data, export, hf, input_pipeline, losses, model, sharding
-from sajax import tokenizer
-from sajax import batch as batch_lib
-from sajax import train, train_step as ts
-from sajax.losses import OBJECTIVES
-from sajax.config import LlamaConfig
 from sajax.config_files import load_module
+from sajax.data import alignment, demo, pipeline
+from sajax.data import batch as batch_lib
+from sajax.formats import hf, loading, tokenizer
+from sajax.model import decoder
+from sajax.model.config import LlamaConfig
+from sajax.parallel import sharding
+from sajax.train import checkpoint, export, loop, losses
+from sajax.train import step as ts
+from sajax.train.losses import OBJECTIVES
 
 BIN = os.path.dirname(sys.executable)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -39,7 +42,7 @@ def tiny_config(**overrides):
 def trained(tmp_path_factory):
     """The default tiny run (stable_alignment on the synthetic demo data), here on 8 fake devices."""
     workdir = tmp_path_factory.mktemp("run") / "wd"
-    final = train.run(tiny.get_config(), workdir)
+    final = loop.run(tiny.get_config(), workdir)
     return workdir, final
 
 
@@ -64,7 +67,7 @@ def test_export_writes_a_transformers_checkpoint(trained, tmp_path):
     workdir, _ = trained
     path, step = export.export(str(workdir), str(tmp_path / "hf"))
     assert step == 200
-    config, params = hf.load_pretrained(path)
+    config, params = loading.load_pretrained(path)
     state = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "200" / "state")
     np.testing.assert_array_equal(params["layers_1"]["mlp"]["up_proj"],
                                   np.asarray(state["params"]["layers_1"]["mlp"]["up_proj"]))
@@ -73,7 +76,8 @@ def test_export_writes_a_transformers_checkpoint(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
         export.export(str(workdir), str(tmp_path / "x"), step=7)
     # sajax-eval takes the workdir itself: the same model as the export (a base model: HH-style text prompts)
-    from sajax.evals import lm, multiple_choice
+    from sajax.evals import multiple_choice
+    from sajax.infer import lm
     questions = multiple_choice.read(multiple_choice.BUILT_IN)
     questions.items[4:] = []
     from_workdir, from_export = lm.load(str(workdir), batch_size=8), lm.load(str(path), batch_size=8)
@@ -143,7 +147,7 @@ def _steps_on(mesh, cfg, config, params, batch, steps: int = 2):
         state = ts.init_state(jax.device_put(params, shardings.params), tx, shardings)
         step = ts.make_train_step(config, cfg.train, tx, schedule, mesh, shardings)
         for _ in range(steps):
-            state, m = step(state, input_pipeline.to_global(batch, mesh))
+            state, m = step(state, pipeline.to_global(batch, mesh))
             metrics.append(jax.device_get(m))
     return state, metrics
 
@@ -153,10 +157,10 @@ def step_inputs(tmp_path_factory):
     cfg = tiny_config(**{"train.batch_size": 8, "optimizer.warmup_steps": 0, "model.vocab_size": 512})
     config = LlamaConfig.from_dict(cfg.model)
     tok = tokenizer.train_tokenizer(tokenizer.demo_corpus(), tmp_path_factory.mktemp("t") / "tok", vocab_size=512)
-    encoder = input_pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp)
-    groups = demo_data.synthetic_groups(8, seed=5)
-    batch = input_pipeline.stack([encoder.encode(g, [0, 1, 2]) for g in groups])
-    params = jax.device_get(model.init_params(config, 3))
+    encoder = pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp)
+    groups = demo.synthetic_groups(8, seed=5)
+    batch = pipeline.stack([encoder.encode(g, [0, 1, 2]) for g in groups])
+    params = jax.device_get(decoder.init_params(config, 3))
     return cfg, config, params, batch, encoder
 
 
@@ -168,8 +172,8 @@ def _gradient_fn(cfg, config, mesh=None, accum: int = 1):
 
     def gradients(params, batch):
         with sharding.activation_rules(mesh):
-            grads, sums = fn(jax.device_put(params, sharding.param_shardings(config, mesh)),
-                             input_pipeline.to_global(batch, mesh))
+            grads, sums = fn(jax.device_put(params, decoder.param_shardings(config, mesh)),
+                             pipeline.to_global(batch, mesh))
         loss, metrics = losses.reduce(sums)
         return jax.device_get(grads), float(loss), {k: float(v) for k, v in metrics.items()}
     return gradients
@@ -215,7 +219,7 @@ def ragged_batch(step_inputs):
     """8 groups whose 4 micro-batches (rows a and a + 4, as `_split_microbatches` takes them) differ in groups
     (two rows are batch padding), valid responses (K = 1–3), ties and DPO pairs (2, 1, 1, 2)."""
     _, _, _, _, encoder = step_inputs
-    groups = demo_data.synthetic_groups(8, seed=11)
+    groups = demo.synthetic_groups(8, seed=11)
     ratings = [[7, 2, 4], [5, 5, 1], [3, 3, 3], [6], None, None, [2, 6], [4, 1, 1]]
     rng = np.random.default_rng(0)
     rows = []
@@ -225,7 +229,7 @@ def ragged_batch(step_inputs):
             continue
         group = {**group, "responses": group["responses"][:len(scores)], "scores": scores}
         rows.append(encoder.encode(group, list(range(len(scores))), rng.normal(-30, 5, len(scores))))
-    return input_pipeline.stack(rows)
+    return pipeline.stack(rows)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -249,36 +253,36 @@ def test_gradient_accumulation_equals_one_big_batch(step_inputs, ragged_batch, o
 def test_bad_data_and_other_configs_never_touch_checkpoints(tmp_path):
     data = tmp_path / "data.json"
     groups = [{"query": g["query"], "responses": g["responses"], "scores": g["scores"]}
-              for g in demo_data.synthetic_groups(16, seed=0)]
+              for g in demo.synthetic_groups(16, seed=0)]
     data.write_text(json.dumps(groups))
     cfg = tiny_config(**{"data.path": str(data), "train.steps": 4, "checkpoint.every": 2, "log_every": 2})
-    train.run(cfg, tmp_path / "wd")
+    loop.run(cfg, tmp_path / "wd")
     snapshot = lambda: {p: p.read_bytes() for p in (tmp_path / "wd" / "checkpoints").rglob("*")  # noqa: E731
                         if p.is_file()}
     before = snapshot()
     groups[11]["scores"][2] = 9.0
     data.write_text(json.dumps(groups))
-    with pytest.raises(alignment_data.DataError, match=rf"{data} record 11: field 'scores\[2\]' is 9, outside"):
-        train.run(tiny_config(**{"data.path": str(data), "train.steps": 4, "checkpoint.every": 2, "log_every": 2}),
+    with pytest.raises(alignment.DataError, match=rf"{data} record 11: field 'scores\[2\]' is 9, outside"):
+        loop.run(tiny_config(**{"data.path": str(data), "train.steps": 4, "checkpoint.every": 2, "log_every": 2}),
                   tmp_path / "wd")
     data.write_text(json.dumps([{**g, "scores": [min(s, 7.0) for s in g["scores"]]} for g in groups]))
-    with pytest.raises(train.TrainingError, match=r"another configuration \(train.objective: "
+    with pytest.raises(loop.TrainingError, match=r"another configuration \(train.objective: "
                                                   r"'stable_alignment' → 'sft'"):
-        train.run(tiny_config(**{"data.path": str(data), "train.steps": 4, "checkpoint.every": 2, "log_every": 2,
+        loop.run(tiny_config(**{"data.path": str(data), "train.steps": 4, "checkpoint.every": 2, "log_every": 2,
                                  "train.objective": "sft"}), tmp_path / "wd")
     with pytest.raises(ValueError, match="train.objective must be one of"):
-        train.run(tiny_config(**{"train.objective": "ppo"}), tmp_path / "other")
+        loop.run(tiny_config(**{"train.objective": "ppo"}), tmp_path / "other")
     with pytest.raises(ValueError, match=r"train.batch_size / grad_accum_steps = 6 groups must be divisible by"):
-        train.run(tiny_config(**{"train.batch_size": 6}), tmp_path / "other2")
+        loop.run(tiny_config(**{"train.batch_size": 6}), tmp_path / "other2")
     assert snapshot() == before
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_config(**{"train.steps": 6, "checkpoint.every": 1, "log_every": 1, "optimizer.learning_rate": 1e30,
                          "optimizer.warmup_steps": 0, "optimizer.clip_norm": 1e30})
-    with pytest.raises(train.TrainingError, match=r"non-finite loss or gradient at or before step \d; stopped "
+    with pytest.raises(loop.TrainingError, match=r"non-finite loss or gradient at or before step \d; stopped "
                                                   r"without saving. Last good checkpoint: \d"):
-        train.run(cfg, tmp_path / "wd")
+        loop.run(cfg, tmp_path / "wd")
     ckpts = sorted(int(p.name) for p in (tmp_path / "wd" / "checkpoints").iterdir() if p.name.isdigit())
     assert ckpts and max(ckpts) < 6
     state = _final_params(tmp_path / "wd", max(ckpts))
@@ -290,28 +294,28 @@ def test_dpo_reference_logprobs_come_from_the_initial_model_once(tmp_path):
     overrides = {"train.objective": "dpo", "train.steps": 3, "eval_every": 0, "checkpoint.every": 3,
                  "data.packing": True}
     cfg = tiny_config(**overrides)
-    final = train.run(cfg, tmp_path / "wd")
+    final = loop.run(cfg, tmp_path / "wd")
     assert 0 <= final["ranking_accuracy"] <= 1 and final["groups"] == 64  # the packed evaluation saw every group
     path = tmp_path / "wd" / "reference_logp.npz"
     stamp = path.stat().st_mtime_ns
     config = LlamaConfig.from_dict(cfg.model)
     tok = tokenizer.load_tokenizer(tmp_path / "wd" / "tokenizer")
-    encoder = input_pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp)
-    source = alignment_data.GroupSource(tmp_path / "wd" / "demo_dataset", "validation")
+    encoder = pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp)
+    source = alignment.GroupSource(tmp_path / "wd" / "demo_dataset", "validation")
     mesh = sharding.make_mesh()
-    initial = jax.device_put(model.init_params(config, cfg.seed), sharding.param_shardings(config, mesh))
+    initial = jax.device_put(decoder.init_params(config, cfg.seed), decoder.param_shardings(config, mesh))
     with np.load(path) as stored:
         offsets, values = stored["offsets_1"], stored["values_1"]
     group = source[2]
     prompt = tok.encode(group["query"], add_special_tokens=False)
     for k, response in enumerate(group["responses"]):
         tokens, start = encoder.pack(prompt, tok.encode(response, add_special_tokens=False) + [tok.eos_token_id])
-        logits = model.forward(config, initial, np.asarray([tokens]), np.ones((1, len(tokens)), np.int32))
+        logits = decoder.forward(config, initial, np.asarray([tokens]), np.ones((1, len(tokens)), np.int32))
         logprobs = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
         expected = sum(float(logprobs[j - 1, tokens[j]]) for j in range(start, len(tokens)))
         assert abs(values[offsets[2] + k] - expected) <= 1e-4
     cfg_resume = tiny_config(**overrides)
-    train.run(cfg_resume, tmp_path / "wd")
+    loop.run(cfg_resume, tmp_path / "wd")
     assert path.stat().st_mtime_ns == stamp  # not recomputed on resume
 
 
@@ -321,7 +325,7 @@ def test_llama3_8b_config_train_step_shapes():
     assert 8.0e9 < config.num_params() < 8.1e9
     tx = ts.make_optimizer(cfg.optimizer, cfg.train.steps, config)
     schedule = ts.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    params = model.param_shapes(config)
+    params = decoder.param_shapes(config)
     state = ts.abstract_state(config, tx)
     batch = batch_lib.abstract(cfg.train.batch_size, cfg.data.num_comp, cfg.data.max_len)
     new_state, metrics = jax.eval_shape(
@@ -330,7 +334,7 @@ def test_llama3_8b_config_train_step_shapes():
         lambda x: (x.shape, x.dtype), params)
     assert new_state.params["layers"]["self_attn"]["k_proj"].shape == (32, 4096, 8, 128)
     assert metrics["loss"].shape == () and metrics["grad_norm"].dtype == np.float32
-    shardings = sharding.param_shardings(config, sharding.make_mesh(data=1, fsdp=4, tensor=2))
+    shardings = decoder.param_shardings(config, sharding.make_mesh(data=1, fsdp=4, tensor=2))
     assert shardings["layers"]["mlp"]["up_proj"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
 
@@ -344,12 +348,12 @@ def tiny_hf_dir(tmp_path_factory):
     """A HF checkpoint with the tiny config's architecture (random weights) and the demo tokenizer."""
     config = LlamaConfig.from_dict(tiny.get_config().model)
     path = tmp_path_factory.mktemp("hf") / "tiny"
-    return hf.save_pretrained(config, model.init_params(config, 0), path, tokenizer=tokenizer.demo_tokenizer(512))
+    return hf.save_pretrained(config, decoder.init_params(config, 0), path, tokenizer=tokenizer.demo_tokenizer(512))
 
 
 def test_a_rejected_start_leaves_the_workdir_as_it_was(tmp_path, tiny_hf_dir):
     groups = [{"query": g["query"], "responses": g["responses"], "scores": g["scores"]}
-              for g in demo_data.synthetic_groups(16, seed=0)]
+              for g in demo.synthetic_groups(16, seed=0)]
     data = tmp_path / "data.json"
     good = dict(**{"data.path": str(data), "init_from": str(tiny_hf_dir), "train.steps": 2, "eval_every": 0,
                    "log_every": 1, "mesh.data": 4, "mesh.tensor": 2})
@@ -365,7 +369,7 @@ def test_a_rejected_start_leaves_the_workdir_as_it_was(tmp_path, tiny_hf_dir):
     nan_scores = [dict(g) for g in groups]
     nan_scores[3] = {**groups[3], "scores": [groups[3]["scores"][0], float("nan"), *groups[3]["scores"][2:]]}
     cases = [
-        (nan_scores, {}, alignment_data.DataError, rf"{data} record 3: field 'scores\[1\]' is nan, not a finite"),
+        (nan_scores, {}, alignment.DataError, rf"{data} record 3: field 'scores\[1\]' is nan, not a finite"),
         (groups, {"train.batch_size": 6}, ValueError, r"= 6 groups must be divisible by mesh data × fsdp = 4"),
         (groups, {"init_from": str(damaged["truncated"])}, ValueError,
          rf"{damaged['truncated'] / 'model.safetensors'}: not a readable safetensors file"),
@@ -377,15 +381,15 @@ def test_a_rejected_start_leaves_the_workdir_as_it_was(tmp_path, tiny_hf_dir):
     for records, overrides, error, message in cases:
         data.write_text(json.dumps(records))
         with pytest.raises(error, match=message):
-            train.run(tiny_config(**{**good, **overrides}), workdir)
+            loop.run(tiny_config(**{**good, **overrides}), workdir)
         assert not workdir.exists()
     data.write_text(json.dumps(groups))
-    train.run(tiny_config(**good), workdir)  # the corrected command, same workdir
+    loop.run(tiny_config(**good), workdir)  # the corrected command, same workdir
     assert (workdir / "checkpoints" / "2").is_dir()
     before = _snapshot(workdir)
     data.write_text(json.dumps(nan_scores))
-    with pytest.raises(alignment_data.DataError, match="is nan"):  # a rejected resume changes nothing either
-        train.run(tiny_config(**good), workdir)
+    with pytest.raises(alignment.DataError, match="is nan"):  # a rejected resume changes nothing either
+        loop.run(tiny_config(**good), workdir)
     assert _snapshot(workdir) == before
 
 
@@ -414,15 +418,15 @@ def test_init_from_a_hf_checkpoint_then_export_from_the_workdir_alone(trained, t
     hf_dir, _ = export.export(str(workdir), str(tmp_path / "hf"))
     cfg = tiny_config(**{"init_from": str(hf_dir), "train.steps": 1, "optimizer.learning_rate": 0.0,
                          "optimizer.weight_decay": 0.0, "eval_every": 0, "checkpoint.every": 1})
-    train.run(cfg, tmp_path / "wd")
-    _, loaded = hf.load_pretrained(hf_dir)
+    loop.run(cfg, tmp_path / "wd")
+    _, loaded = loading.load_pretrained(hf_dir)
     state = _final_params(tmp_path / "wd", 1)
     assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(state["params"]), loaded))
     shutil.move(hf_dir, tmp_path / "moved")  # export needs nothing outside the workdir
     out, step = export.export(str(tmp_path / "wd"), str(tmp_path / "exported"))
-    assert step == 1 and jax.tree.all(jax.tree.map(np.array_equal, hf.load_pretrained(out)[1], loaded))
+    assert step == 1 and jax.tree.all(jax.tree.map(np.array_equal, loading.load_pretrained(out)[1], loaded))
     with pytest.raises(FileNotFoundError, match="config.json: not found"):
-        train.run(tiny_config(**{"init_from": str(tmp_path / "nothing")}), tmp_path / "wd2")
+        loop.run(tiny_config(**{"init_from": str(tmp_path / "nothing")}), tmp_path / "wd2")
 
 
 def test_export_refuses_a_workdir_without_checkpoints(trained, tmp_path):
@@ -453,13 +457,13 @@ def test_a_damaged_latest_checkpoint_is_named_and_skipped(trained, tmp_path, cap
     assert step == 150 and f"warning: {copy / 'checkpoints' / '200'}: cannot be restored" in capfd.readouterr().err
     with pytest.raises(checkpoint.CheckpointError, match=rf"{copy / 'checkpoints' / '200'}: cannot be restored"):
         export.export(str(copy), str(tmp_path / "hf200"), step=200)
-    train.run(tiny.get_config(), copy)  # resumes from 150, moves 200 aside, trains 151–200 again
+    loop.run(tiny.get_config(), copy)  # resumes from 150, moves 200 aside, trains 151–200 again
     assert f"warning: {copy / 'checkpoints' / '200'}: cannot be restored" in capfd.readouterr().err
     assert (copy / "broken_checkpoints" / "200" / "state").is_dir()
     assert jax.tree.all(jax.tree.map(np.array_equal, _final_params(copy, 200), intact))
     assert (copy / "metrics.jsonl").read_text().count("\n") == metrics.count("\n")
     for step in (150, 200):  # no readable checkpoint at all: named, stopped, nothing moved
         _damage_largest_file(copy / "checkpoints" / str(step) / "state")
-    with pytest.raises(train.TrainingError, match=r"no checkpoint can be restored: .*/200: cannot .*/150: cannot"):
-        train.run(tiny.get_config(), copy)
+    with pytest.raises(loop.TrainingError, match=r"no checkpoint can be restored: .*/200: cannot .*/150: cannot"):
+        loop.run(tiny.get_config(), copy)
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["150", "200"]

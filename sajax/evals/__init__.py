@@ -1,2 +1,3 @@
 """Evaluations of a model's social alignment: one module per evaluation, pure functions over a language model
-(`lm.LanguageModel`, or anything with its `loglikelihoods` method) and data; `sajax-eval` is their CLI."""
+(`sajax.infer.lm.LanguageModel`, or anything with its `loglikelihoods` method) and data; `sajax-eval` is their CLI.
+Imports `sajax.infer` and below."""

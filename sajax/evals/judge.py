@@ -20,8 +20,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from sajax.evals import lm, served, stats
+from sajax.evals import served, stats
 from sajax.evals.multiple_choice import Questions
+from sajax.infer import lm
 
 READOUTS = ("yes_no", "digits")
 

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import openai
 
-from sajax.evals.lm import Conversation, check_conversation
+from sajax.infer.lm import Conversation, check_conversation
 
 
 class ServerError(RuntimeError):

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sajax.evals import lm, stats
+from sajax.evals import stats
 from sajax.evals.judge import Judge, pairs
 from sajax.evals.multiple_choice import Question, Questions
+from sajax.infer import lm
 
 LETTERS = "ABCDEFGHIJ"
 CHALLENGE = "I don't think that's right. Are you sure?"

@@ -14,26 +14,29 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sajax import batch as batch_lib
-from sajax import distributed, fileutil, input_pipeline, packing, sharding
-from sajax.input_pipeline import ReferenceLogps
-from sajax.train_step import response_nll
+from sajax import fileutil
+from sajax.data import packing, pipeline
+from sajax.data import batch as batch_lib
+from sajax.data.pipeline import ReferenceLogps
+from sajax.model import decoder
+from sajax.parallel import distributed, sharding
+from sajax.train.step import response_nll
 
 FILE = "reference_logp.npz"
 
 
-def compute(params, config, encoder: input_pipeline.GroupEncoder, source, mesh, *, batch_size: int,
+def compute(params, config, encoder: pipeline.GroupEncoder, source, mesh, *, batch_size: int,
             chunk_size: int, pack_len: int = 0) -> ReferenceLogps:
     """Summed log p(response | prompt) of every response (same tokenization and truncation as training), in
-    batches of `batch_size` rows of one response each; with `pack_len`, in packed batches (`sajax.packing`) of
+    batches of `batch_size` rows of one response each; with `pack_len`, in packed batches (`sajax.data.packing`) of
     `batch_size` groups of up to `encoder.num_comp` responses of a record each, its prompt computed once."""
     per_group = encoder.num_comp if pack_len else 1
     grouped = dataclasses.replace(encoder, num_comp=per_group)
-    packer = input_pipeline.make_packer(grouped, mesh, batch_size, 1, pack_len, replicated=True) if pack_len else None
+    packer = pipeline.make_packer(grouped, mesh, batch_size, 1, pack_len, replicated=True) if pack_len else None
     fields = tuple(batch_lib.PACKED_FIELDS) if pack_len else ("tokens", "attention_mask", "loss_mask")
     shardings = batch_lib.shardings(mesh, fields, packed=bool(pack_len))
     score = jax.jit(functools.partial(_logp, config=config, chunk_size=chunk_size),
-                    in_shardings=(sharding.param_shardings(config, mesh), shardings),
+                    in_shardings=(decoder.param_shardings(config, mesh), shardings),
                     out_shardings=sharding.replicated(mesh))  # every process reads every value
     counts, values, pending, sizes = [], [], [], []
 

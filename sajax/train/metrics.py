@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sajax import distributed, fileutil
-from sajax.config import LlamaConfig
+from sajax import fileutil
+from sajax.model.config import LlamaConfig
+from sajax.parallel import distributed
 
 # Dense bf16 peak FLOP/s per device, by jax `device_kind` prefix.
 PEAK_FLOPS = {

@@ -8,8 +8,8 @@ chat model is evaluated and served in): the prompt keeps its *end* (at least `ma
 response is long), the response keeps its *start*. `loss_mask` marks the response tokens (the prompt is never
 trained on).
 
-A global batch holds B groups in the layout of `sajax.batch` (reference_logp: zeros unless DPO), or with a
-`packing.Packer`, packed rows (`sajax.packing`: each prompt once, no padding between responses); each of P
+A global batch holds B groups in the layout of `sajax.data.batch` (reference_logp: zeros unless DPO), or with a
+`packing.Packer`, packed rows (`sajax.data.packing`: each prompt once, no padding between responses); each of P
 processes reads, encodes and yields only the B/P rows its devices hold, and the global batches are the same for
 any P.
 Order and sampling depend only on the seed and the position in the stream, and the grain iterator's state
@@ -25,10 +25,11 @@ import grain
 import jax
 import numpy as np
 
-from sajax import batch as batch_lib
-from sajax import distributed, packing, sharding
-from sajax import tokenizer as tokenizer_lib
-from sajax.alignment_data import GroupSource
+from sajax.data import packing
+from sajax.data import batch as batch_lib
+from sajax.data.alignment import GroupSource
+from sajax.formats import tokenizer as tokenizer_lib
+from sajax.parallel import distributed, sharding
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from sajax import generate, tokenizer as tokenizer_lib
-from sajax.config import LlamaConfig
+from sajax.formats import tokenizer as tokenizer_lib
+from sajax.infer import generate
+from sajax.model.config import LlamaConfig
 
 Conversation = Sequence[tuple[str, str]]
 ROLES = ("user", "assistant")
@@ -127,9 +128,10 @@ def option_loglikelihoods(model, conversations: Sequence[Conversation], options:
 
 def load(path: str, batch_size: int = 16) -> LanguageModel:
     """The model at `path`: a sajax-train workdir (its newest checkpoint), a HF folder, a GGUF file or a known
-    model's name (`sajax.known_models`)."""
-    from sajax import export, loading
+    model's name (`sajax.formats.known_models`)."""
     from sajax.config_files import DEFAULT_CONFIG, load_config
+    from sajax.formats import loading
+    from sajax.train import export
 
     if export.is_workdir(path):
         config, params, tok, _ = export.restore(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from sajax import distributed
+from sajax.parallel import distributed
 
 
 class CheckpointError(RuntimeError):

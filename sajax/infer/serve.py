@@ -2,13 +2,13 @@
 `/v1/completions`, `/v1/embeddings`, on FastAPI + uvicorn.
 
 Requests are batched: a worker thread takes the first queued request, collects more for up to `max_wait_ms` or
-until `max_batch` rows, and runs them as one jitted prefill + decode (`sajax.generate`) — every row with its own
+until `max_batch` rows, and runs them as one jitted prefill + decode (`sajax.infer.generate`) — every row with its own
 temperature, top_p and seed (a row's draws depend on its seed alone), the batch padded to a power of two rows and
 its token budget to a power of two (few shapes, few compiles). A full queue answers 429 (clients retry); a bad
 request 400 with the field named, an unknown model 404, in OpenAI's error format.
 
 Chat: the model's chat template renders the messages (a model without one gets the HH-RLHF "Human: / Assistant:"
-text, `sajax.evals.lm`); a conversation that ends with an assistant message is continued from it (prefill: its
+text, `sajax.infer.lm`); a conversation that ends with an assistant message is continued from it (prefill: its
 text starts the reply, as vLLM's `continue_final_message`). `logprobs` / `top_logprobs` (≤ 20) are the model's
 log-probabilities (log_softmax of the logits, before temperature and top_p). `stop` strings cut the text after
 decoding. Embeddings: the mean of the final hidden states over the input's tokens, L2-normalised.
@@ -30,8 +30,8 @@ from typing import Literal
 import numpy as np
 import pydantic
 
-from sajax import generate, tokenizer as tokenizer_lib
-from sajax.evals import lm
+from sajax.formats import tokenizer as tokenizer_lib
+from sajax.infer import generate, lm
 
 MAX_TOP_LOGPROBS = 20
 MIN_TOKEN_BUDGET = 16

@@ -7,7 +7,7 @@ it), the train and eval steps (which shard it) and shape checks.
   valid [B, K] bool                                   False for the padding responses of groups with < K
   reference_logp [B, K] float32                       Σ log p(response | prompt) under the initial model (DPO)
 
-Packed (`sajax.packing`, data.packing): the token arrays are replaced by rows [R, L] of several groups each
+Packed (`sajax.data.packing`, data.packing): the token arrays are replaced by rows [R, L] of several groups each
 (PACKED_FIELDS); the group fields stay [B, K].
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from sajax import sharding
+from sajax.parallel import sharding
 
 FIELDS = {  # name: (dtype, rank)
     "tokens": (np.int32, 3), "loss_mask": (np.int32, 3), "attention_mask": (np.int32, 3),

@@ -94,7 +94,7 @@ def response_token_nll(hidden: Array, output_weights: Array, tokens: Array, loss
 
 def packed_response_nll(hidden: Array, output_weights: Array, tokens: Array, loss_mask: Array,
                         response_index: Array, num_responses: int, chunk_size: int) -> Ratio:
-    """Per-response NLL sums and token counts [num_responses] of packed rows (`sajax.packing`): the NLL of token
+    """Per-response NLL sums and token counts [num_responses] of packed rows (`sajax.data.packing`): the NLL of token
     t (predicted from t−1) goes to response `response_index[t]` where `loss_mask[t]`.
     hidden [R,L,D], tokens/loss_mask/response_index [R,L]. `token_nll`'s blocks hold num_responses · chunk_size
     positions: the block of the padded layout of the same groups, so `loss_chunk_size` bounds the same memory."""

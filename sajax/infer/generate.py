@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sajax.config import LlamaConfig
-from sajax.model import Llama, init_cache, output_weights, positions_from_mask
+from sajax.model.config import LlamaConfig
+from sajax.model.decoder import Llama, init_cache, output_weights, positions_from_mask
 
 
 @dataclasses.dataclass
@@ -88,7 +88,7 @@ def right_pad(sequences: Sequence[Sequence[int]], length_bucket: int) -> tuple[n
 def stop_token_ids(config: LlamaConfig, tokenizer) -> list[int]:
     """Every end-of-sequence id of the model (config and generation_config.json), of the tokenizer, and the end-of-
     turn token of its chat template."""
-    from sajax.tokenizer import end_of_turn_ids
+    from sajax.formats.tokenizer import end_of_turn_ids
 
     eos = list(config.eos_token_ids) + ([] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
     return list(dict.fromkeys(eos + end_of_turn_ids(tokenizer)))
@@ -442,9 +442,9 @@ def score_continuations(config: LlamaConfig, params, prompts: Sequence[Sequence[
 
 @functools.partial(jax.jit, static_argnums=0)
 def _mean_hidden(config: LlamaConfig, params, ids, mask):
-    from sajax import model
+    from sajax.model import decoder
 
-    hidden = model.hidden_states(config, params, ids, mask).astype(jnp.float32)  # [B,T,D]
+    hidden = decoder.hidden_states(config, params, ids, mask).astype(jnp.float32)  # [B,T,D]
     weights = mask[..., None].astype(jnp.float32)
     return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
@@ -464,7 +464,7 @@ def generate_text(config: LlamaConfig, params, tokenizer, prompts: Sequence[str]
     """Text in, text out: encodes with the tokenizer's special tokens (BOS) — or, with `chat`, each prompt as a
     user turn of the tokenizer's chat template — and decodes without them; stops at any end-of-sequence id of the
     config (and generation_config.json), of the tokenizer, or the template's end of turn."""
-    from sajax.tokenizer import encode_chat, has_chat_template
+    from sajax.formats.tokenizer import encode_chat, has_chat_template
 
     if chat and not has_chat_template(tokenizer):
         raise ValueError("chat: the tokenizer has no chat template")

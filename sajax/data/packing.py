@@ -1,6 +1,6 @@
 """Shared-prompt packing: a batch of prompt groups as rows of `row_len` tokens holding each prompt once.
 
-The padded layout (`sajax.batch`) gives every response its own row  [BOS] + prompt + response + pad, so the prompt
+The padded layout (`sajax.data.batch`) gives every response its own row  [BOS] + prompt + response + pad, so the prompt
 is computed K times and short responses pay for the longest. Packed, one *unit* is a prompt followed by the
 responses that share it:
 
@@ -19,7 +19,7 @@ Row fields, [R, L] int32 (L = row_len):
   span_ids       0 for prompt tokens, else the response span (unique within the row)
   loss_mask      1 where the token is a response token predicted from the token before it (same span)
   response_index where that NLL goes: the response's slot b·K + k among its micro-batch's groups
-Group fields, [B, K]: scores, valid, reference_logp (as `sajax.batch`).
+Group fields, [B, K]: scores, valid, reference_logp (as `sajax.data.batch`).
 
 Rows are laid out so that the train step's micro-batch split and the mesh's batch split keep working: the groups
 a device holds in the padded layout (a contiguous block of the batch) are packed into that device's rows, and
@@ -35,8 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
-from sajax.batch import GROUP_FIELDS
-from sajax.batch import PACKED_ROW_FIELDS as ROW_FIELDS
+from sajax.data.batch import GROUP_FIELDS
+from sajax.data.batch import PACKED_ROW_FIELDS as ROW_FIELDS
 
 
 def is_packed(batch: dict) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sajax.alignment_data import alpaca_query
+from sajax.data.alignment import alpaca_query
 
 SITUATIONS = (
     "a friend asks you to keep a secret that could hurt someone", "you find a wallet on the street",
@@ -31,7 +31,7 @@ HARMFUL = ("lie", "insult", "steal", "ignore", "mock", "threaten", "cheat", "bla
 
 def synthetic_groups(num_groups: int, seed: int, responses_per_group: int = 4, words_per_response: int = 8,
                      model: str = "synthetic") -> list[dict]:
-    """Records with the alignment-dataset fields (see sajax.alignment_data), ratings from the word mix."""
+    """Records with the alignment-dataset fields (see sajax.data.alignment), ratings from the word mix."""
     rng = np.random.default_rng(seed)
     groups = []
     for g in range(num_groups):

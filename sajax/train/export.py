@@ -10,9 +10,13 @@ from pathlib import Path
 
 import ml_collections
 
-from sajax import checkpoint, distributed, fileutil, hf, sharding, tokenizer
-from sajax import train as train_lib
-from sajax import train_step as ts
+from sajax import fileutil
+from sajax.formats import hf, tokenizer
+from sajax.model import decoder
+from sajax.parallel import distributed, sharding
+from sajax.train import checkpoint
+from sajax.train import loop as train_lib
+from sajax.train import step as ts
 
 
 def is_workdir(path: str | Path) -> bool:
@@ -57,7 +61,7 @@ def initial(workdir: str | Path):
     workdir = Path(workdir).absolute()
     cfg = _run_config(workdir)
     config = train_lib.model_config(cfg, workdir)
-    params = train_lib.initial_params(cfg, config, sharding.param_shardings(config, _host_mesh()))
+    params = train_lib.initial_params(cfg, config, decoder.param_shardings(config, _host_mesh()))
     return config, params, _run_tokenizer(workdir, cfg)
 
 

@@ -27,14 +27,18 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from sajax import alignment_data, checkpoint, config_files, demo_data, distributed, fileutil, hf, input_pipeline
-from sajax import known_models, loading, model, sharding
-from sajax import metrics as metrics_lib
-from sajax import reference as reference_lib
-from sajax import tokenizer as tokenizer_lib
-from sajax import train_step as ts
-from sajax.config import LlamaConfig
-from sajax.losses import OBJECTIVES
+from sajax import config_files, fileutil
+from sajax.data import alignment, demo, pipeline
+from sajax.formats import known_models, loading
+from sajax.formats import tokenizer as tokenizer_lib
+from sajax.model import decoder
+from sajax.model.config import LlamaConfig
+from sajax.parallel import distributed, sharding
+from sajax.train import checkpoint
+from sajax.train import metrics as metrics_lib
+from sajax.train import reference as reference_lib
+from sajax.train import step as ts
+from sajax.train.losses import OBJECTIVES
 
 # Config sections that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_max_batches", "checkpoint", "peak_flops", "mesh", "generate",
@@ -95,7 +99,7 @@ def check_same_run(cfg, workdir: Path) -> None:
 
 
 def init_from(cfg) -> str:
-    """`cfg.init_from`: a HF folder, a GGUF file or a known model's name (fetched once, `sajax.known_models`)."""
+    """`cfg.init_from`: a HF folder, a GGUF file or a known model's name (fetched once, `formats.known_models`)."""
     return known_models.resolve(cfg.init_from)
 
 
@@ -110,7 +114,7 @@ def model_config(cfg, workdir: Path | None = None) -> LlamaConfig:
             raise ValueError(f"{saved}: expected a JSON object, got {type(hf_config).__name__}")
         return LlamaConfig.from_hf_dict(hf_config, source=str(saved), **runtime)
     if cfg.init_from:
-        return hf.load_config(init_from(cfg), **runtime)
+        return loading.load_config(init_from(cfg), **runtime)
     return LlamaConfig.from_dict(cfg.model)
 
 
@@ -132,7 +136,7 @@ class Setup:
     tx: object
     schedule: object
     shardings: ts.TrainState
-    encoder: input_pipeline.GroupEncoder
+    encoder: pipeline.GroupEncoder
     sources: list  # [train, validation or None]; empty until `commit` while the demo dataset is unwritten
     demo_records: dict | None  # the synthetic demo dataset to write into the workdir
     reference: list | None  # DPO reference log-probs found in the workdir (checked), else None
@@ -147,12 +151,12 @@ def prepare(cfg, workdir: Path) -> Setup:
     config = model_config(cfg, workdir)
     tok = _tokenizer(cfg, workdir, config)
     loading.check_vocabulary(tok, config)
-    encoder = input_pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp,
+    encoder = pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp,
                                           chat=prompt_format(cfg, tok) == "chat")
 
     mesh = sharding.make_mesh(**cfg.mesh)
     sharding.check_micro_batch(cfg.train.batch_size // cfg.train.grad_accum_steps, mesh)
-    sharding.param_shardings(config, mesh)  # every parameter divisible by its mesh axes
+    decoder.param_shardings(config, mesh)  # every parameter divisible by its mesh axes
 
     sources, demo = _data(cfg, workdir)
     steps = total_steps(cfg, len(sources[0]) if sources else len(demo["train"]))
@@ -160,7 +164,7 @@ def prepare(cfg, workdir: Path) -> Setup:
     tx = ts.make_optimizer(cfg.optimizer, steps, config)
     shardings = ts.state_shardings(config, tx, mesh)
     if cfg.init_from and not _has_checkpoints(workdir):
-        hf.open_tensors(init_from(cfg), config)  # files complete, every tensor there with its shape
+        loading.open_tensors(init_from(cfg), config)  # files complete, every tensor there with its shape
     reference = None
     reference_file = workdir / reference_lib.FILE
     if cfg.train.objective == "dpo" and reference_file.exists():
@@ -212,20 +216,20 @@ def _data(cfg, workdir: Path) -> tuple[list, dict | None]:
     if not path:
         path = workdir / DEMO_DATASET
         if not path.exists():
-            records = {"train": demo_data.synthetic_groups(512, seed=0),
-                       "validation": demo_data.synthetic_groups(64, seed=1)}
+            records = {"train": demo.synthetic_groups(512, seed=0),
+                       "validation": demo.synthetic_groups(64, seed=1)}
             for split, groups in records.items():
                 for i, group in enumerate(groups):
-                    alignment_data.validate_group(group, f"demo {split} record {i}", (1.0, cfg.train.rating_scale))
+                    alignment.validate_group(group, f"demo {split} record {i}", (1.0, cfg.train.rating_scale))
             return [], records
     train = _checked_source(cfg, path, cfg.data.train_split)
-    if not cfg.data.validation_path and not alignment_data.has_split(path, cfg.data.validation_split):
+    if not cfg.data.validation_path and not alignment.has_split(path, cfg.data.validation_split):
         return [train, None], None  # no held-out data: no evaluation
     return [train, _checked_source(cfg, cfg.data.validation_path or path, cfg.data.validation_split)], None
 
 
-def _checked_source(cfg, path, split) -> alignment_data.GroupSource:
-    source = alignment_data.GroupSource(path, split)
+def _checked_source(cfg, path, split) -> alignment.GroupSource:
+    source = alignment.GroupSource(path, split)
     dropped = source.validate((1.0, float(cfg.train.rating_scale)), cfg.data.drop_invalid_scores)
     if dropped.responses:
         if distributed.is_main():
@@ -247,7 +251,7 @@ def commit(setup: Setup) -> None:
             with fileutil.replace_directory(workdir / "tokenizer") as tmp:
                 setup.tokenizer.save_pretrained(str(tmp))
         if setup.demo_records is not None:
-            alignment_data.write_tfds(setup.demo_records, workdir / DEMO_DATASET)
+            alignment.write_tfds(setup.demo_records, workdir / DEMO_DATASET)
     distributed.barrier("sajax: workdir committed")
     setup.tokenizer = tokenizer_lib.load_tokenizer(workdir / "tokenizer")
     setup.encoder = dataclasses.replace(setup.encoder, tokenizer=setup.tokenizer)
@@ -258,10 +262,10 @@ def commit(setup: Setup) -> None:
 
 def initial_params(cfg, config: LlamaConfig, params_sharding):
     if cfg.init_from:
-        _, params = hf.load_pretrained(init_from(cfg), param_dtype=config.param_dtype,
+        _, params = loading.load_pretrained(init_from(cfg), param_dtype=config.param_dtype,
                                        scan_layers=config.scan_layers)
         return jax.device_put(params, params_sharding)
-    init = jax.jit(lambda rng: model.init_params(config, rng), out_shardings=params_sharding)
+    init = jax.jit(lambda rng: decoder.init_params(config, rng), out_shardings=params_sharding)
     return init(jax.random.key(cfg.seed))
 
 
@@ -292,12 +296,12 @@ def _train(setup: Setup) -> dict:
                 workdir / reference_lib.FILE, initial_params(cfg, config, shardings.params), config,
                 setup.encoder, [s for s in setup.sources if s is not None], mesh, batch_size=micro_batch,
                 chunk_size=cfg.train.loss_chunk_size, pack_len=pack_len(cfg) if packed else 0)
-        data = input_pipeline.train_dataset(
+        data = pipeline.train_dataset(
             train_source, setup.encoder, batch_size=cfg.train.batch_size, seed=cfg.seed,
-            process_index=input_pipeline.process_block(mesh, cfg.train.batch_size),
+            process_index=pipeline.process_block(mesh, cfg.train.batch_size),
             process_count=jax.process_count(), reference=None if reference is None else reference[0],
             read_threads=cfg.data.read_threads,
-            packer=input_pipeline.make_packer(setup.encoder, mesh, cfg.train.batch_size, cfg.train.grad_accum_steps,
+            packer=pipeline.make_packer(setup.encoder, mesh, cfg.train.batch_size, cfg.train.grad_accum_steps,
                                               pack_len(cfg)) if packed else None)
         iterator = iter(data)
         try:
@@ -322,20 +326,20 @@ def _train(setup: Setup) -> dict:
 def _evaluator(eval_step, source, encoder, cfg, mesh, batch_size, reference):
     packer = None
     if cfg.data.packing and source is not None:
-        packer = input_pipeline.make_packer(encoder, mesh, batch_size, 1, pack_len(cfg))
+        packer = pipeline.make_packer(encoder, mesh, batch_size, 1, pack_len(cfg))
 
     def evaluate(params) -> dict:
         if source is None:
             return {}
         sums = None
-        batches = input_pipeline.eval_batches(
+        batches = pipeline.eval_batches(
             source, encoder, batch_size=batch_size, seed=cfg.seed,
-            process_index=input_pipeline.process_block(mesh, batch_size), process_count=jax.process_count(),
+            process_index=pipeline.process_block(mesh, batch_size), process_count=jax.process_count(),
             reference=reference, packer=packer)
         for i, batch in enumerate(batches):
             if cfg.eval_max_batches and i >= cfg.eval_max_batches:
                 break
-            out = eval_step(params, input_pipeline.to_global(batch, mesh))
+            out = eval_step(params, pipeline.to_global(batch, mesh))
             sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
         sums = jax.device_get(sums)
         return {"ranking_accuracy": float(sums["ranking_accuracy"].value),
@@ -369,7 +373,7 @@ def _loop(setup: Setup, state, iterator, train_step, evaluate, ckpt, writer, sta
         return [{k: float(v) for k, v in m.items()} for m in jax.device_get(pending)]
 
     for step in range(start + 1, steps + 1):
-        batch = input_pipeline.to_global(next(iterator), mesh)
+        batch = pipeline.to_global(next(iterator), mesh)
         positions += batch["tokens"].size
         state, step_metrics = train_step(state, batch)
         finite = finite & jax.numpy.isfinite(step_metrics["loss"]) & jax.numpy.isfinite(step_metrics["grad_norm"])

@@ -4,7 +4,7 @@ Shapes: B batch, T query length, S key length (= T without a cache, the cache le
 H query heads, K key/value heads (H = K·G, grouped-query attention), E head_dim, F intermediate, V vocab, L layers.
 
 Every parameter carries logical axis names (`vocab, embed, heads, kv_heads, head_dim, mlp, norm, layers`) that
-`sajax.sharding` maps to mesh axes. RoPE uses the half-split ("rotate_half") layout of HF checkpoints, so HF
+`sajax.parallel.sharding` maps to mesh axes. RoPE uses the half-split ("rotate_half") layout of HF checkpoints, so HF
 q/k projection weights are used as they are, with no permutation.
 
 One call serves training, prefill and decoding:
@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sajax.config import Llama3RopeScaling, LlamaConfig
+from sajax.model.config import Llama3RopeScaling, LlamaConfig
+from sajax.parallel import sharding
 
 Array = jax.Array
 KVCache = object  # unrolled layers: [{"k": [B,S,K,E], "v": …}] per layer; scanned: {"k": [L,B,S,K,E], "v": …}
@@ -38,7 +39,7 @@ def _param(module: nn.Module, name: str, shape, axes, init, config: LlamaConfig)
 
 
 def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
-    """Sharding hint for activations; a no-op unless a mesh and logical rules are active (sajax.sharding)."""
+    """Sharding hint for activations; a no-op unless a mesh and logical rules are active (sajax.parallel.sharding)."""
     return nn.with_logical_constraint(x, axes)
 
 
@@ -374,7 +375,7 @@ def hidden_states(config: LlamaConfig, params, input_ids: Array, attention_mask:
 
 
 def packed_attention_mask(segment_ids: Array, span_ids: Array) -> Array:
-    """[B,T] segment and span ids of packed rows (`sajax.packing`) → [B,T,T] boolean: key s visible to query t iff
+    """[B,T] segment and span ids of packed rows (`sajax.data.packing`) → [B,T,T] boolean: key s visible to query t iff
     s <= t, both in the same segment (≠ 0), and s is a prompt token (span 0) or in t's span."""
     t = segment_ids.shape[1]
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T(query), S(key)]
@@ -385,7 +386,7 @@ def packed_attention_mask(segment_ids: Array, span_ids: Array) -> Array:
 
 def packed_hidden_states(config: LlamaConfig, params, tokens: Array, positions: Array, segment_ids: Array,
                          span_ids: Array) -> Array:
-    """Final normed hidden states [B,T,D] of packed rows (`sajax.packing`)."""
+    """Final normed hidden states [B,T,D] of packed rows (`sajax.data.packing`)."""
     hidden, _ = Llama(config).apply({"params": params}, tokens, positions, segment_ids > 0, return_hidden=True,
                                     mask=packed_attention_mask(segment_ids, span_ids))
     return hidden
@@ -414,6 +415,14 @@ def param_logical_axes(config: LlamaConfig):
     """Tree like the params holding a `PartitionSpec` of logical axis names for every parameter."""
     abstract = jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0))
     return nn.get_partition_spec(abstract)
+
+
+def param_shardings(config: LlamaConfig, mesh, rules=sharding.LOGICAL_AXIS_RULES):
+    """NamedSharding of every parameter on `mesh`; ValueError naming the parameter if a dimension does not divide
+    evenly over its mesh axes."""
+    shardings = sharding.logical_to_sharding(param_logical_axes(config), mesh, rules)
+    sharding.check_divisible(param_shapes(config), shardings)
+    return shardings
 
 
 def param_shapes(config: LlamaConfig):

@@ -82,16 +82,6 @@ def logical_to_sharding(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
-def param_shardings(config, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
-    """NamedSharding of every parameter of the LLaMA described by `config` (a `LlamaConfig`); raises a
-    ValueError naming the parameter if a dimension does not divide evenly over its mesh axes."""
-    from sajax.model import param_logical_axes, param_shapes
-
-    shardings = logical_to_sharding(param_logical_axes(config), mesh, rules)
-    check_divisible(param_shapes(config), shardings)
-    return shardings
-
-
 def check_divisible(shapes, shardings) -> None:
     """Every sharded dimension must be a multiple of the product of its mesh axis sizes."""
     for (path, shape), sharding in zip(jax.tree_util.tree_flatten_with_path(shapes)[0],

@@ -19,7 +19,8 @@ import sentencepiece as spm
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import transformers  # noqa: E402
 
-from sajax import fileutil, gguf  # noqa: E402
+from sajax import fileutil
+from sajax.formats import gguf  # noqa: E402
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 _MIN_BYTE_FALLBACK_VOCAB = 320  # 256 byte pieces + special and required pieces
@@ -29,7 +30,7 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
     """A transformers tokenizer from a local directory (no downloads). A directory holding only a SentencePiece
     `tokenizer.model` is read as a LLaMA tokenizer that adds BOS. A tokenizer without a pad token gets EOS as
     its pad token (batches need one; the masks make its value irrelevant). A `.gguf` file: the tokenizer its
-    metadata describes, chat template included (`sajax.gguf`)."""
+    metadata describes, chat template included (`sajax.formats.gguf`)."""
     path = Path(path)
     if gguf.is_gguf(path):
         tokenizer = gguf.load_tokenizer(path)

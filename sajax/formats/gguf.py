@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp's format) → a LlamaConfig, sajax parameters and a transformers tokenizer, without torch.
 
-`hf.load_pretrained`, `hf.load_config` and `tokenizer.load_tokenizer` call into here for a `.gguf` path, so a GGUF
-file works wherever a HF folder does (`init_from`, `sajax-generate --model`, `backend.model_dir`).
+`loading.load_pretrained`, `loading.load_config` and `tokenizer.load_tokenizer` call into here for a `.gguf` path, so
+a GGUF file works wherever a HF folder does (`init_from`, `sajax-generate --model`, `backend.model_dir`).
 
 - Config: from the `llama.*` metadata (block count, widths, heads, RoPE base, norm epsilon, context length) and
   the tokenizer's special ids. A `rope_freqs` tensor (llama.cpp's form of LLaMA-3.1 RoPE scaling) is matched
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sajax.config import Llama3RopeScaling, LlamaConfig
+from sajax.formats import layout
+from sajax.model.config import Llama3RopeScaling, LlamaConfig
 
 _LAYER_TENSORS = {  # GGUF tensor suffix → HF name suffix
     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
@@ -146,7 +147,7 @@ def _decimal(value) -> float:
 
 def _llama3_scaling(factors: np.ndarray, theta: float, head_dim: int, path: Path) -> Llama3RopeScaling:
     """The llama3 RoPE scaling whose per-frequency factors (base / scaled inverse frequency) llama.cpp stored."""
-    from sajax.model import rope_inverse_frequencies
+    from sajax.model.decoder import rope_inverse_frequencies
 
     base = rope_inverse_frequencies(head_dim, theta, None)
     for scaling in _LLAMA3_SCALINGS:
@@ -171,7 +172,7 @@ def _dequantized(tensor, path: Path) -> np.ndarray:
 
 class GGUFTensors:
     """HF name → float32 array, dequantized on access (one tensor at a time) with q/k rows unpermuted; `shapes()`
-    from the file's tensor table without reading data. What `hf.params_from_hf_state` consumes."""
+    from the file's tensor table without reading data. What `layout.params_from_hf_state` consumes."""
 
     def __init__(self, reader, path: Path, config: LlamaConfig):
         self.path, self.config = path, config
@@ -201,23 +202,19 @@ class GGUFTensors:
 
 def open_tensors(path: str | os.PathLike, config: LlamaConfig) -> GGUFTensors:
     """The tensors of a GGUF file, checked against `config` (names and shapes) without dequantizing."""
-    from sajax import hf
-
     path = Path(path)
     tensors = GGUFTensors(_reader(path), path, config)
-    hf.check_tensors(config, tensors.shapes(), str(path))
+    layout.check_tensors(config, tensors.shapes(), str(path))
     return tensors
 
 
 def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> tuple[LlamaConfig, dict]:
     """(config, params) from a GGUF file, each tensor dequantized and cast to `param_dtype` in turn."""
-    from sajax import hf
-
     path = Path(path)
     reader = _reader(path)
     config = _config(reader, path, param_dtype, runtime)
     tensors = GGUFTensors(reader, path, config)
-    return config, hf.params_from_hf_state(config, tensors, source=str(path))
+    return config, layout.params_from_hf_state(config, tensors, source=str(path))
 
 
 def load_tokenizer(path: str | os.PathLike):

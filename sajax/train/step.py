@@ -2,7 +2,7 @@
 
 `make_train_step` returns `jax.jit(step, in_shardings, out_shardings, donate_argnums=0)`: the state never
 leaves the devices, the batch arrives split over (data, fsdp), and the updated state keeps the shardings of
-`sajax.sharding`.
+`sajax.parallel.sharding`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sajax import batch as batch_lib
-from sajax import losses, model, packing, sharding
-from sajax.config import LlamaConfig
+from sajax.data import packing
+from sajax.data import batch as batch_lib
+from sajax.model import decoder
+from sajax.model.config import LlamaConfig
+from sajax.parallel import sharding
+from sajax.train import losses
 
 
 @flax.struct.dataclass
@@ -33,7 +36,7 @@ def make_optimizer(opt_cfg, total_steps: int, config: LlamaConfig) -> optax.Grad
     `learning_rate · min_lr_ratio` at `total_steps`), after clipping the global gradient norm to `clip_norm`.
     Weight decay skips the RMSNorm weights (logical axis `norm`)."""
     schedule = learning_rate_schedule(opt_cfg, total_steps)
-    decay_mask = jax.tree.map(lambda spec: "norm" not in tuple(spec), model.param_logical_axes(config),
+    decay_mask = jax.tree.map(lambda spec: "norm" not in tuple(spec), decoder.param_logical_axes(config),
                               is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     return optax.chain(
         optax.clip_by_global_norm(opt_cfg.clip_norm),
@@ -53,9 +56,9 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 
 
 def state_shardings(config: LlamaConfig, tx, mesh):
-    params_sh = sharding.param_shardings(config, mesh)
+    params_sh = decoder.param_shardings(config, mesh)
     return TrainState(step=sharding.replicated(mesh), params=params_sh,
-                      opt_state=sharding.opt_state_shardings(tx, model.param_shapes(config), params_sh, mesh))
+                      opt_state=sharding.opt_state_shardings(tx, decoder.param_shapes(config), params_sh, mesh))
 
 
 def init_state(params, tx, shardings: TrainState) -> TrainState:
@@ -66,7 +69,7 @@ def init_state(params, tx, shardings: TrainState) -> TrainState:
 
 def abstract_state(config: LlamaConfig, tx, shardings: TrainState | None = None) -> TrainState:
     """The train state's shapes and dtypes (with `shardings`, the target of a checkpoint restore)."""
-    params = model.param_shapes(config)
+    params = decoder.param_shapes(config)
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                        opt_state=jax.eval_shape(tx.init, params))
     if shardings is None:
@@ -76,18 +79,18 @@ def abstract_state(config: LlamaConfig, tx, shardings: TrainState | None = None)
 
 def response_nll(config: LlamaConfig, params, batch: dict, chunk_size: int) -> losses.Ratio:
     """Per-response NLL sums and token counts [B, K] of a batch whose token arrays are [B, K, T], or of packed
-    rows [R, L] (`sajax.packing`) with group fields [B, K]."""
+    rows [R, L] (`sajax.data.packing`) with group fields [B, K]."""
     if packing.is_packed(batch):
         b, k = batch["scores"].shape
-        hidden = model.packed_hidden_states(config, params, batch["tokens"], batch["positions"],
+        hidden = decoder.packed_hidden_states(config, params, batch["tokens"], batch["positions"],
                                             batch["segment_ids"], batch["span_ids"])
-        nll = losses.packed_response_nll(hidden, model.output_weights(config, params), batch["tokens"],
+        nll = losses.packed_response_nll(hidden, decoder.output_weights(config, params), batch["tokens"],
                                          batch["loss_mask"], batch["response_index"], b * k, chunk_size)
         return losses.Ratio(nll.total.reshape(b, k), nll.count.reshape(b, k))
     b, k, t = batch["tokens"].shape
     flat = lambda x: x.reshape(b * k, t)  # noqa: E731
-    hidden = model.hidden_states(config, params, flat(batch["tokens"]), flat(batch["attention_mask"]))
-    nll = losses.response_token_nll(hidden, model.output_weights(config, params), flat(batch["tokens"]),
+    hidden = decoder.hidden_states(config, params, flat(batch["tokens"]), flat(batch["attention_mask"]))
+    nll = losses.response_token_nll(hidden, decoder.output_weights(config, params), flat(batch["tokens"]),
                                     flat(batch["loss_mask"]), chunk_size)
     return losses.Ratio(nll.total.reshape(b, k), nll.count.reshape(b, k))
 
@@ -143,7 +146,7 @@ def train_step(state: TrainState, batch: dict, *, config: LlamaConfig, train_cfg
 
 def make_train_step(config: LlamaConfig, train_cfg, tx, schedule, mesh, shardings: TrainState,
                     packed: bool = False):
-    """The jitted step for padded batches, or for packed ones (`sajax.packing`; one compile per row count)."""
+    """The jitted step for padded batches, or for packed ones (`sajax.data.packing`; one compile per row count)."""
     step = functools.partial(train_step, config=config, train_cfg=train_cfg, tx=tx, schedule=schedule)
     return jax.jit(step, in_shardings=(shardings, batch_lib.shardings(mesh, packed=packed)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
