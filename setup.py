@@ -14,6 +14,7 @@ RUNTIME = [
     "absl-py==2.5.1",  # CLI flags; the version ml_collections installs
     "tensorboardX==2.6.5",  # TensorBoard event files without TensorFlow
     "matplotlib==3.11.2",  # the simulator's metrics plot
+    "pyarrow==26.0.1",  # Parquet preference files (TRL / the HF hub); the version tensorflow-datasets installs
     "gguf==0.19.0",  # llama.cpp GGUF files: metadata and dequantization in numpy
     "openai==3.54.0",  # OpenAI-compatible servers (served judges)
     "fastapi==0.165.0", "uvicorn==0.54.0",  # sajax-serve: the OpenAI-compatible HTTP server

@@ -5,7 +5,8 @@ A TFDS dataset (ArrayRecord files, no TensorFlow needed) with one record per pro
   scores Tensor((None,), float32) · kind ClassLabel(imitation, self_critic, realignment) · model Text ·
   world_id int32;  splits `train` and `validation`.
 It opens with plain `tfds.builder_from_directory(dir).as_data_source('train')`. The trainer also reads the
-original Stable Alignment release format: a JSON list (or JSONL) of `{query, responses, scores}`.
+original Stable Alignment release format — a JSON list (or JSONL) of `{query, responses, scores}` — and TRL's
+preference format (`sajax.data.preference`: prompt / chosen / rejected in JSONL, JSON or Parquet).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from sajax import fileutil
+from sajax.data import preference
 
 KINDS = ("imitation", "self_critic", "realignment")
 SPLITS = ("train", "validation")
@@ -204,15 +206,26 @@ class Dropped:
 
 class GroupSource:
     """Random access to the groups of one split, as dicts {query: str, responses: [str], scores: float32[K]},
-    from a TFDS directory (`dataset_info.json` inside) or a JSON / JSONL file in the release format (a JSON list
-    of objects or one object per line). Every read error names the file."""
+    from a TFDS directory (`dataset_info.json` inside), a JSON / JSONL file in the release format (a JSON list
+    of objects or one object per line), or a preference file (TRL's prompt / chosen / rejected in JSONL, JSON or
+    Parquet: 2-response groups rated `preference_scores` unless it has score columns). Every read error names the
+    file."""
 
-    def __init__(self, path: str | os.PathLike, split: str = "train"):
+    def __init__(self, path: str | os.PathLike, split: str = "train",
+                 preference_scores: tuple[float, float] = (7.0, 1.0)):
         self.path, self.split = Path(path), split
         self._keep: list[int] | None = None  # record indices after dropping (validate); None: all of them
         self._drop: dict[int, list[int]] = {}  # record → response indices dropped
         if (self.path / "dataset_info.json").is_file():
             self._open_tfds()
+        elif self._is_preference_file():
+            try:
+                pairs = preference.read_groups(self.path, preference_scores)
+            except ValueError as e:
+                raise DataError(str(e)) from e
+            self._records = [record for _, record in pairs]
+            self._where = [where for where, _ in pairs]
+            self._decode = dict
         elif self.path.is_file() and self.path.suffix in (".json", ".jsonl"):
             try:
                 pairs = fileutil.read_json_records(self.path)
@@ -224,8 +237,14 @@ class GroupSource:
         elif not self.path.exists():
             raise FileNotFoundError(f"{self.path}: dataset not found")
         else:
-            raise DataError(f"{self.path}: not a TFDS dataset directory (no dataset_info.json) nor a .json/.jsonl "
-                            "file")
+            raise DataError(f"{self.path}: not a TFDS dataset directory (no dataset_info.json) nor a .json/.jsonl/"
+                            ".parquet file")
+
+    def _is_preference_file(self) -> bool:
+        try:
+            return preference.is_preference_file(self.path)
+        except ValueError as e:  # broken JSON: named by the file, line and column
+            raise DataError(str(e)) from e
 
     def _open_tfds(self) -> None:
         import tensorflow_datasets as tfds

@@ -85,10 +85,13 @@ class GroupEncoder:
         return out
 
     def prompt_ids(self, group: dict) -> list[int]:
-        """The group's `query` text; with `chat`, its instruction (+ a blank line + its input) as a user turn of the
-        chat template (the query itself for release-format groups, which have no instruction)."""
+        """The group's `query` text; with `chat`, its `messages` (a conversational preference row's turns) or its
+        instruction (+ a blank line + its input) as a user turn of the chat template (the query itself for
+        release-format groups, which have no instruction)."""
         if not self.chat:
             return self.tokenizer.encode(group["query"], add_special_tokens=False)
+        if group.get("messages"):
+            return tokenizer_lib.encode_chat(self.tokenizer, [tuple(turn) for turn in group["messages"]])
         user = group.get("instruction") or group["query"]
         if group.get("input"):
             user = f"{user}\n\n{group['input']}"
