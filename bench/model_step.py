@@ -20,7 +20,7 @@ import transformers
 
 from sajax.formats import layout
 from sajax.model import decoder
-from sajax.model.config import LlamaConfig
+from sajax.model.config import ModelConfig
 from sajax.train import losses
 
 
@@ -43,7 +43,7 @@ def main():
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.seq)).train()
-    config = LlamaConfig.from_hf_dict(torch_model.config.to_dict())
+    config = ModelConfig.from_hf_dict(torch_model.config.to_dict())
     params = jax.device_put(layout.params_from_hf_state(
         config, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}))
     ids = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq)).astype(np.int32)

@@ -32,7 +32,7 @@ import numpy as np
 from sajax.config_files import load_config
 from sajax.formats import tokenizer
 from sajax.model import decoder
-from sajax.model.config import LlamaConfig
+from sajax.model.config import ModelConfig
 from sim import engine, run
 from sim.backends import Backend
 from sim.local_backend import LocalBackend
@@ -96,7 +96,7 @@ def slow_server(latency: float) -> ThreadingHTTPServer:
 
 
 def local_backends(args, workdir):
-    config = LlamaConfig(vocab_size=512, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+    config = ModelConfig(vocab_size=512, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
                          num_hidden_layers=args.layers, num_attention_heads=max(args.hidden // 32, 2),
                          num_key_value_heads=max(args.hidden // 64, 1), max_position_embeddings=2048,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3)

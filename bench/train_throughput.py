@@ -36,7 +36,7 @@ from sajax.data import batch as batch_lib
 from sajax.formats import known_models, layout
 from sajax.formats import tokenizer as tokenizer_lib
 from sajax.model import decoder
-from sajax.model.config import LlamaConfig
+from sajax.model.config import ModelConfig
 from sajax.parallel import sharding
 from sajax.train import loop, metrics
 from sajax.train import step as ts
@@ -81,7 +81,8 @@ def trainer(config, params, cfg, mesh, packed=False):
     schedule = ts.learning_rate_schedule(cfg.optimizer, 1000)
     shardings = ts.state_shardings(config, tx, mesh)
     step = ts.make_train_step(config, cfg.train, tx, schedule, mesh, shardings, packed=packed)
-    return step, ts.init_state(params, tx, shardings)
+    trainable, frozen = ts.split_trainable(config, params)
+    return (lambda state, batch: step(state, batch, frozen)), ts.init_state(trainable, tx, shardings)
 
 
 def run_sajax(config, params, batch, steps, cfg):
@@ -140,7 +141,7 @@ def dataset_mode(args, path: str):
     tok = tokenizer_lib.load_tokenizer(known_models.resolve("SmolLM2-135M-Instruct"))
     hf_kwargs, _ = CONFIGS["small (4 layers, hidden 256, vocab 8k)"]
     groups_per_step = args.groups
-    config = LlamaConfig.from_hf_dict(dict(transformers.LlamaConfig(**{**hf_kwargs, "vocab_size": len(tok)},
+    config = ModelConfig.from_hf_dict(dict(transformers.LlamaConfig(**{**hf_kwargs, "vocab_size": len(tok)},
                                                                     max_position_embeddings=args.max_len)
                                            .to_dict()))
     source = alignment.GroupSource(path, "train")
@@ -230,7 +231,7 @@ def main():
         torch.manual_seed(0)
         torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             **hf_kwargs, max_position_embeddings=args.seq)).train()
-        config = LlamaConfig.from_hf_dict(torch_model.config.to_dict())
+        config = ModelConfig.from_hf_dict(torch_model.config.to_dict())
         state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
         params = layout.params_from_hf_state(config, state)
         batch = synthetic_batch(groups, args.k, args.seq, config.vocab_size)

@@ -10,7 +10,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    # LlamaConfig fields (Hugging Face names) plus run-time options. With init_from, only the run-time options
+    # ModelConfig fields (Hugging Face names) plus run-time options. With init_from, only the run-time options
     # (dtype, param_dtype, remat_policy, scan_layers) are used; the architecture comes from the checkpoint.
     config.model = ml_collections.ConfigDict(dict(
         vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -37,6 +37,11 @@ def get_config() -> ml_collections.ConfigDict:
         rating_scale=7.0, margin=1.0, ratio=0.2, max_flow=False,  # the score-scaled margin loss
         dpo_beta=0.1,
         loss_chunk_size=64))  # sequence positions per chunk of the output projection + log-softmax
+    # LoRA (sajax.model.lora): rank 0 trains every weight; rank > 0 trains adapters of that rank beside the frozen
+    # weights whose path (layers_3/self_attn/q_proj; scanned: layers/…) the regex `targets` matches, scaled by
+    # alpha / rank, with `dropout` on their input; base_dtype: the frozen weights' dtype ("" = model.param_dtype).
+    config.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, targets=r"(q|k|v|o|gate|up|down)_proj$", dropout=0.0, base_dtype=""))
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8,
         clip_norm=1.0,

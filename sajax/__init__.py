@@ -37,7 +37,7 @@ def _quiet_libtpu_off_tpus() -> None:
 
 _quiet_libtpu_off_tpus()
 
-from sajax.model.config import Llama3RopeScaling, LlamaConfig  # noqa: E402
+from sajax.model.config import Llama3RopeScaling, ModelConfig  # noqa: E402
 
-__all__ = ["LlamaConfig", "Llama3RopeScaling"]
+__all__ = ["ModelConfig", "Llama3RopeScaling"]
 __version__ = "0.1.0"

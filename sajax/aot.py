@@ -149,10 +149,14 @@ def lower_train_step(cfg, config, mesh):
     state = ts.abstract_state(config, tx, shardings)
     batch = _abstract(batch_lib.abstract(cfg.train.batch_size, cfg.data.num_comp, cfg.data.max_len),
                       batch_lib.shardings(mesh))
+    frozen = ts.split_trainable(config, decoder.param_shapes(config))[1]  # LoRA: the base, in lora.base_dtype
+    dtype = train_lib.base_dtype(cfg)
+    frozen = _abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), frozen),
+                       ts.frozen_shardings(config, mesh))
     with sharding.activation_rules(mesh):
         step = ts.make_train_step(config, cfg.train, tx, ts.learning_rate_schedule(cfg.optimizer, steps), mesh,
                                   shardings)
-        return step.lower(state, batch)
+        return step.lower(state, batch, frozen)
 
 
 COSTS = ("flops", "bytes accessed", "optimal_seconds")

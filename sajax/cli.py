@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 import jax
 from absl import app, flags, logging
@@ -135,6 +136,8 @@ def _define_export_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run directory written by sajax-train.", required=True)
     flags.DEFINE_string("out", None, "HF directory to write (replaced when complete).", required=True)
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+    flags.DEFINE_string("peft", None, "A LoRA run: also write its adapters here in PEFT's format "
+                                      "(adapter_config.json + adapter_model.safetensors).")
 
 
 def export_main() -> None:
@@ -149,12 +152,13 @@ def _export_main(argv) -> None:
     join_job("sajax-export")  # export.export checks that every process exports the same
     try:
         with peer_failures("sajax-export"):
-            path, step = export.export(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.step)
+            path, step = export.export(_FLAGS.workdir, _FLAGS.out, step=_FLAGS.step, peft_out=_FLAGS.peft)
     except (ValueError, OSError, checkpoint.CheckpointError, distributed.HostMismatch) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
     if distributed.is_main():
-        print(f"exported step {step} of {_FLAGS.workdir} to {path}")
+        print(f"exported step {step} of {_FLAGS.workdir} to {path}"
+              + (f" (LoRA adapters in PEFT's format: {Path(_FLAGS.peft).resolve()})" if _FLAGS.peft else ""))
 
 
 def _define_generate_flags() -> None:

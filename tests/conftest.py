@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from sajax.formats import layout  # noqa: E402
-from sajax.model.config import LlamaConfig  # noqa: E402
+from sajax.model.config import ModelConfig  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -28,19 +28,26 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", f"ignore:{message}:pytest.PytestUnraisableExceptionWarning")
 
 
-def make_reference(seed: int = 0, **hf_kwargs):
-    """A random transformers `LlamaForCausalLM` (norm weights randomised too) and the same model as
-    (LlamaConfig, params). Weights are large enough (std 0.1) that logits are O(1), so 1e-4 is a real bound."""
+FAMILY_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+                  "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
+def make_reference(seed: int = 0, family: str = "llama", **hf_kwargs):
+    """A random transformers causal LM of `family` (norm weights and biases randomised too) and the same model as
+    (ModelConfig, params). Weights are large enough (std 0.1) that logits are O(1), so 1e-5 is a real bound."""
     kwargs = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     kwargs.update(hf_kwargs)
+    config_class, model_class = (getattr(transformers, name) for name in FAMILY_CLASSES[family])
     torch.manual_seed(seed)
-    torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
+    torch_model = model_class(config_class(**kwargs)).eval()
     with torch.no_grad():
         for name, p in torch_model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    config = LlamaConfig.from_hf_dict(torch_model.config.to_dict())
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    config = ModelConfig.from_hf_dict(torch_model.config.to_dict())
     state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
     return torch_model, config, layout.params_from_hf_state(config, state)
 

@@ -12,7 +12,7 @@ pytest.importorskip("libtpu", reason="libtpu has wheels for Linux only")  # CI (
 
 from sajax import aot
 from sajax.config_files import DEFAULT_CONFIG, load_config  # noqa: E402
-from sajax.model.config import LlamaConfig  # noqa: E402
+from sajax.model.config import ModelConfig  # noqa: E402
 from sajax.train import metrics  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
@@ -35,7 +35,7 @@ def test_tiny_config_compiles_for_a_v5e_slice_and_reports_memory_flops_and_time(
     train, prefill, decode = report["results"]
     assert train["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
     cfg = load_config(DEFAULT_CONFIG)
-    config = LlamaConfig.from_dict(cfg.model)
+    config = ModelConfig.from_dict(cfg.model)
     # data parallel: every chip holds the fp32 parameters and both Adam moments, and the step's new state is
     # written over the donated old one (aliased), the batch being the rest of the arguments. TPU memory holds
     # arrays in (8, 128) tiles, so the tiny model's narrow dimensions (16-wide heads) take up to 8× their bytes:

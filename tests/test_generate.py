@@ -25,7 +25,7 @@ def test_cached_decoding_logits_equal_full_forward(gqa_reference):
     full_mask = np.concatenate([mask, np.ones_like(continuation)], axis=1)
     expected = np.asarray(decoder.forward(config, params, full_ids, full_mask))
 
-    llama = decoder.Llama(config)
+    llama = decoder.CausalLM(config)
     prompt_len, total = ids.shape[1], full_ids.shape[1]
     cache = decoder.init_cache(config, 3, total)
     key_mask = np.zeros((3, total), np.int32)

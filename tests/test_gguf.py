@@ -8,12 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import with_overrides
+from conftest import make_reference, with_overrides
 from sajax.config_files import DEFAULT_CONFIG, load_config
 from sajax.formats import layout, loading, tokenizer
 from sajax.formats import gguf as sajax_gguf
 from sajax.model import decoder
-from sajax.model.config import Llama3RopeScaling, LlamaConfig
+from sajax.model.config import Llama3RopeScaling, ModelConfig
 from sajax.train import export, loop
 
 GGUF_NAMES = {hf_name: gguf_name for gguf_name, hf_name in
@@ -23,7 +23,9 @@ LAYER = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": 
          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
          "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
          "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
-         "post_attention_layernorm.weight": "ffn_norm.weight"}
+         "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.q_proj.bias": "attn_q.bias",
+         "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+         "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
 
 
 def gguf_name(name: str) -> str:
@@ -33,11 +35,12 @@ def gguf_name(name: str) -> str:
     return f"blk.{layer}.{LAYER[rest]}"
 
 
-def write_gguf(path, config: LlamaConfig, state: dict, qtype=gguf.GGMLQuantizationType.F32, tokenizer=None,
+def write_gguf(path, config: ModelConfig, state: dict, qtype=gguf.GGMLQuantizationType.F32, tokenizer=None,
                rope_freqs=None, raw: dict | None = None):
-    """A GGUF file of a LLaMA state dict as llama.cpp's converter writes one; `raw` maps GGUF names to
-    (bytes array, type) written as they are."""
-    writer = gguf.GGUFWriter(str(path), arch="llama")
+    """A GGUF file of a HF state dict as llama.cpp's converter writes one (architecture: the config's
+    model_type; q/k rows permuted for `llama` only); `raw` maps GGUF names to (bytes array, type) written as they
+    are."""
+    writer = gguf.GGUFWriter(str(path), arch=config.model_type)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -68,9 +71,10 @@ def write_gguf(path, config: LlamaConfig, state: dict, qtype=gguf.GGMLQuantizati
             writer.add_tensor(target, data, raw_dtype=kind)
             continue
         array = np.asarray(array, np.float32)
-        if name.endswith("q_proj.weight"):
+        permuted = config.model_type == "llama"
+        if permuted and name.endswith("q_proj.weight"):
             array = sajax_gguf.permute_rows(array, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif permuted and name.endswith("k_proj.weight"):
             array = sajax_gguf.permute_rows(array, config.num_key_value_heads)
         kind = qtype if array.ndim == 2 else gguf.GGMLQuantizationType.F32  # llama.cpp keeps norms in F32
         if kind == gguf.GGMLQuantizationType.F32:
@@ -91,7 +95,7 @@ def write_gguf(path, config: LlamaConfig, state: dict, qtype=gguf.GGMLQuantizati
 @pytest.fixture(scope="module")
 def small():
     """A random LLaMA (GQA, untied, widths divisible by the 32-wide quantization blocks) and its HF state."""
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, rope_theta=50000.0, rms_norm_eps=1e-5,
                          max_position_embeddings=256, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
     params = jax.device_get(decoder.init_params(config, 7))
@@ -123,9 +127,19 @@ def test_every_quantized_type_loads_back(tmp_path, small, kind):
                                                     np.ones((1, 4), np.int32)), logits)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_architectures_load_unpermuted_with_biases_and_qk_norms(tmp_path, family):
+    torch_model, config, params = make_reference(seed=2, family=family, tie_word_embeddings=family == "qwen3",
+                                                 max_position_embeddings=256)
+    state = layout.hf_state_from_params(config, params)
+    loaded_config, loaded = loading.load_pretrained(write_gguf(tmp_path / f"{family}.gguf", config, state))
+    assert loaded_config == config.replace(pad_token_id=None, initializer_range=0.02)  # not in GGUF files
+    assert jax.tree.all(jax.tree.map(np.array_equal, loaded, params))
+
+
 def test_k_quant_tensors_take_the_shape_of_the_file(tmp_path):
     """The gguf package dequantizes Q2_K…Q6_K but cannot quantize them; bytes of each type stand in for a tensor."""
-    config = LlamaConfig(vocab_size=8, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+    config = ModelConfig(vocab_size=8, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
     state = layout.hf_state_from_params(config, jax.device_get(decoder.init_params(config, 0)))
     rng = np.random.default_rng(0)
@@ -181,7 +195,7 @@ def test_a_run_initialised_from_a_gguf_exports_a_hf_folder(tmp_path, small):
                                    vocab_size=512, model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
                                    pad_id=-1, minloglevel=2, num_threads=1)
     reference = tokenizer.load_tokenizer(_folder_with(tmp_path / "sp.model", tmp_path / "reference"))
-    config = LlamaConfig.from_dict(load_config(DEFAULT_CONFIG).model)
+    config = ModelConfig.from_dict(load_config(DEFAULT_CONFIG).model)
     state = layout.hf_state_from_params(config, jax.device_get(decoder.init_params(config, 3)))
     path = write_gguf(tmp_path / "tiny.gguf", config, state, tokenizer=sentencepiece_vocabulary(tmp_path / "sp.model"))
     from_gguf = tokenizer.load_tokenizer(path)

@@ -11,7 +11,7 @@ import transformers
 from conftest import make_reference, right_padded_batch, torch_logits
 from sajax.formats import hf, layout
 from sajax.model import decoder
-from sajax.model.config import LlamaConfig
+from sajax.model.config import ModelConfig
 
 
 def _our_logits(config, params, ids, mask):
@@ -129,14 +129,14 @@ def test_failed_save_keeps_the_existing_checkpoint(tmp_path, gqa_reference):
 
 
 def test_config_writes_4x_and_5x_rope_keys():
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    config = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, rope_theta=5e5,
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
     d = config.to_hf_dict()
     assert d["rope_theta"] == d["rope_parameters"]["rope_theta"] == 5e5
     assert d["rope_scaling"]["factor"] == d["rope_parameters"]["factor"] == 8.0
-    assert LlamaConfig.from_hf_dict({k: v for k, v in d.items() if k != "rope_parameters"}) == config
+    assert ModelConfig.from_hf_dict({k: v for k, v in d.items() if k != "rope_parameters"}) == config
 
 
 def test_generation_config_eos_ids_are_added(tmp_path, gqa_reference):

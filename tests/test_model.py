@@ -9,7 +9,7 @@ import torch
 from conftest import make_reference, right_padded_batch, torch_logits
 from sajax.formats import layout
 from sajax.model import decoder
-from sajax.model.config import Llama3RopeScaling, LlamaConfig
+from sajax.model.config import Llama3RopeScaling, ModelConfig
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
@@ -57,7 +57,7 @@ def test_scan_and_remat_give_same_logits(gqa_reference, options):
 
 
 def test_scanned_params_have_layer_axis_and_logical_names():
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, scan_layers=True)
     shapes = decoder.param_shapes(config)
     assert shapes["layers"]["self_attn"]["q_proj"].shape == (3, 32, 4, 8)
@@ -72,7 +72,7 @@ def test_scanned_params_have_layer_axis_and_logical_names():
 
 
 def test_init_params_count_and_dtype():
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=4, param_dtype="bfloat16", dtype="bfloat16")
     params = decoder.init_params(config, 0)
     leaves = jax.tree.leaves(params)
@@ -94,22 +94,25 @@ def test_padding_does_not_change_real_positions(gqa_reference):
 
 def test_hf_config_layouts_4x_and_5x():
     base = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    legacy = LlamaConfig.from_hf_dict({**base, "rope_theta": 500000.0, "rope_scaling": {
+    legacy = ModelConfig.from_hf_dict({**base, "rope_theta": 500000.0, "rope_scaling": {
         "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}, "eos_token_id": [128001, 128009]})
-    modern = LlamaConfig.from_hf_dict({**base, "rope_parameters": {
+    modern = ModelConfig.from_hf_dict({**base, "rope_parameters": {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, "eos_token_id": [128001, 128009]})
     assert legacy == modern
     assert legacy.rope_theta == 500000.0 and legacy.rope_scaling.factor == 32.0
     assert legacy.eos_token_ids == (128001, 128009)
-    assert LlamaConfig.from_hf_dict(legacy.to_hf_dict()) == legacy
+    assert ModelConfig.from_hf_dict(legacy.to_hf_dict()) == legacy
 
 
 @pytest.mark.parametrize("hf_dict, message", [
-    ({"model_type": "mistral"}, "model_type is 'mistral'"),
+    ({"model_type": "gemma"}, "model_type is 'gemma'; supported: \\['llama', 'mistral', 'qwen2', 'qwen3'\\]"),
     ({"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
-    ({"attention_bias": True}, "attention_bias=true"),
+    ({"mlp_bias": True}, "mlp_bias=true"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8,
+      "layer_types": ["sliding_attention", "full_attention"]},
+     "layer_types must list .full_attention. or .sliding_attention. for each of the 1 layers"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope scaling type 'yarn'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, "lacks field 'low_freq_factor'"),
     ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
@@ -118,13 +121,13 @@ def test_bad_hf_config_is_named(hf_dict, message):
     base = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
             "num_attention_heads": 2}
     with pytest.raises(ValueError, match=message) as info:
-        LlamaConfig.from_hf_dict({**base, **hf_dict}, source="ckpt/config.json")
+        ModelConfig.from_hf_dict({**base, **hf_dict}, source="ckpt/config.json")
     assert "ckpt/config.json" in str(info.value)
 
 
 def test_unknown_model_field_is_named():
     with pytest.raises(ValueError, match=r"config.model: unknown field\(s\) \['hiden_size'\]"):
-        LlamaConfig.from_dict({"hiden_size": 3})
+        ModelConfig.from_dict({"hiden_size": 3})
 
 
 def test_rope_llama3_frequencies_scale_only_long_wavelengths():

@@ -14,7 +14,7 @@ from sajax.config_files import load_module
 from sajax.data import alignment, packing, pipeline
 from sajax.formats import tokenizer
 from sajax.model import decoder
-from sajax.model.config import LlamaConfig
+from sajax.model.config import ModelConfig
 from sajax.parallel import sharding
 from sajax.train import losses, reference
 from sajax.train import step as ts
@@ -52,7 +52,7 @@ def groups(encoder):
 
 @pytest.fixture(scope="module")
 def params():
-    config = LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = ModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
     return config, decoder.init_params(config, 5)
 
@@ -92,10 +92,16 @@ def test_split_unit_repeats_its_prompt_and_bad_row_length_is_named(groups, encod
         packing.Packer(8, encoder.num_comp, encoder.pad_id)(groups)
 
 
-def test_response_nll_equals_padded_layout(groups, encoder, params):
+@pytest.mark.parametrize("window", [None, 7])
+def test_response_nll_equals_padded_layout(groups, encoder, params, window):
+    """With a sliding window (7 positions, shorter than most rows) too, in rows of 3 responses: the window counts
+    positions, which restart after the prompt in every span of a packed row as they do in its padded row."""
     config, p = params
+    row_len = 64
+    if window is not None:
+        config, row_len = config.replace(model_type="mistral", sliding_window=window), 3 * MAX_LEN
     padded = ts.response_nll(config, p, pipeline.stack(groups), 8)
-    packed = ts.response_nll(config, p, _packed(groups, encoder, row_len=64), 8)
+    packed = ts.response_nll(config, p, _packed(groups, encoder, row_len=row_len), 8)
     np.testing.assert_array_equal(packed.count, padded.count)
     np.testing.assert_allclose(packed.total, padded.total, rtol=1e-5, atol=1e-5)
 

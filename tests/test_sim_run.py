@@ -167,13 +167,13 @@ def test_local_ratings_equal_scoring_each_rating(tmp_path):
     from sajax.formats import tokenizer
     from sajax.infer import generate
     from sajax.model import decoder
-    from sajax.model.config import LlamaConfig
+    from sajax.model.config import ModelConfig
     from sim.backends import Request
     from sim.local_backend import LocalBackend
     from sim.prompts import Prompt
 
     tok = tokenizer.train_tokenizer(tokenizer.demo_corpus(), tmp_path / "tok", vocab_size=512)
-    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    config = ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, initializer_range=0.5)
     params = decoder.init_params(config, 4)
     instructions = ["Question: Is it kind? Answer: yes.", "Question: Lie? Answer: sure.", "Rate it."]

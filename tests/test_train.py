@@ -14,15 +14,18 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import peft
 import pytest
+import torch
+import transformers
 
-from conftest import with_overrides
+from conftest import right_padded_batch, torch_logits, with_overrides
 from sajax.config_files import load_module
 from sajax.data import alignment, demo, pipeline
 from sajax.data import batch as batch_lib
 from sajax.formats import hf, loading, tokenizer
 from sajax.model import decoder
-from sajax.model.config import LlamaConfig
+from sajax.model.config import ModelConfig
 from sajax.parallel import sharding
 from sajax.train import checkpoint, export, loop, losses
 from sajax.train import step as ts
@@ -30,7 +33,7 @@ from sajax.train.losses import OBJECTIVES
 
 BIN = os.path.dirname(sys.executable)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-tiny, llama3_8b = load_module(CONFIGS / "tiny.py"), load_module(CONFIGS / "llama3_8b.py")
+tiny = load_module(CONFIGS / "tiny.py")
 ENV_ONE_DEVICE = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
@@ -108,11 +111,16 @@ def _final_params(workdir: Path, step: int):
     return jax.device_get(ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state"))
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+def test_sigkill_then_resume_is_bit_identical_with_lora_then_exports_merged_and_for_peft(tmp_path, tiny_hf_dir):
+    """A LoRA run (adapters with dropout on a base from a HF folder) killed after its first checkpoint: resumed, it
+    gives the uninterrupted run's adapters bit for bit (the base is reloaded, dropout masks come from the step) and
+    its metrics; `sajax-export --peft` then writes the merged model and a PEFT adapter that compute it."""
     # checkpoints every 10 steps, log lines every 4: a run resumed from a checkpoint between two log steps must
     # log the same means over the same steps as the uninterrupted run
     flags = ["--config.train.steps=150", "--config.train.batch_size=4", "--config.checkpoint.every=10",
-             "--config.log_every=4", "--config.eval_every=0", "--config.checkpoint.keep=20"]
+             "--config.log_every=4", "--config.eval_every=0", "--config.checkpoint.keep=20",
+             f"--config.init_from={tiny_hf_dir}", "--config.lora.rank=4", "--config.lora.dropout=0.1",
+             "--config.optimizer.learning_rate=0.01"]
     straight = _train_cli(tmp_path / "straight", *flags)
     assert straight.returncode == 0, straight.stderr
 
@@ -131,9 +139,27 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     a, b = _final_params(tmp_path / "straight", 150), _final_params(killed_dir, 150)
     assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
+    assert all(name.endswith(("_lora_a", "_lora_b")) for name in _leaf_names(a["params"]))  # adapters only
     strip = lambda line: {k: v for k, v in json.loads(line).items() if "tokens_per" not in k and "mfu" not in k}  # noqa
     lines = lambda d: [strip(x) for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert lines(killed_dir) == lines(tmp_path / "straight")  # no step lost or duplicated in the metrics
+
+    exported = subprocess.run([os.path.join(BIN, "sajax-export"), f"--workdir={killed_dir}", f"--out={tmp_path / 'hf'}",
+                               f"--peft={tmp_path / 'peft'}"], capture_output=True, text=True, env=ENV_ONE_DEVICE)
+    assert exported.returncode == 0, exported.stderr
+    config, adapted, _, _ = export.restore(killed_dir, merge=False)
+    ids, mask = right_padded_batch(config.vocab_size)
+    expected = np.asarray(decoder.forward(config, adapted, ids, mask))[mask == 1]
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    assert np.abs(torch_logits(base, ids, mask)[mask == 1] - expected).max() > 1e-3  # the adapters learned
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()  # adapters into `base`
+    for model in (merged, with_adapter):
+        np.testing.assert_allclose(torch_logits(model, ids, mask)[mask == 1], expected, atol=1e-5)
+
+
+def _leaf_names(tree) -> list[str]:
+    return [str(getattr(path[-1], "key", path[-1])) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def _steps_on(mesh, cfg, config, params, batch, steps: int = 2):
@@ -147,7 +173,7 @@ def _steps_on(mesh, cfg, config, params, batch, steps: int = 2):
         state = ts.init_state(jax.device_put(params, shardings.params), tx, shardings)
         step = ts.make_train_step(config, cfg.train, tx, schedule, mesh, shardings)
         for _ in range(steps):
-            state, m = step(state, pipeline.to_global(batch, mesh))
+            state, m = step(state, pipeline.to_global(batch, mesh), {})
             metrics.append(jax.device_get(m))
     return state, metrics
 
@@ -155,7 +181,7 @@ def _steps_on(mesh, cfg, config, params, batch, steps: int = 2):
 @pytest.fixture(scope="module")
 def step_inputs(tmp_path_factory):
     cfg = tiny_config(**{"train.batch_size": 8, "optimizer.warmup_steps": 0, "model.vocab_size": 512})
-    config = LlamaConfig.from_dict(cfg.model)
+    config = ModelConfig.from_dict(cfg.model)
     tok = tokenizer.train_tokenizer(tokenizer.demo_corpus(), tmp_path_factory.mktemp("t") / "tok", vocab_size=512)
     encoder = pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp)
     groups = demo.synthetic_groups(8, seed=5)
@@ -298,7 +324,7 @@ def test_dpo_reference_logprobs_come_from_the_initial_model_once(tmp_path):
     assert 0 <= final["ranking_accuracy"] <= 1 and final["groups"] == 64  # the packed evaluation saw every group
     path = tmp_path / "wd" / "reference_logp.npz"
     stamp = path.stat().st_mtime_ns
-    config = LlamaConfig.from_dict(cfg.model)
+    config = ModelConfig.from_dict(cfg.model)
     tok = tokenizer.load_tokenizer(tmp_path / "wd" / "tokenizer")
     encoder = pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp)
     source = alignment.GroupSource(tmp_path / "wd" / "demo_dataset", "validation")
@@ -319,10 +345,14 @@ def test_dpo_reference_logprobs_come_from_the_initial_model_once(tmp_path):
     assert path.stat().st_mtime_ns == stamp  # not recomputed on resume
 
 
-def test_llama3_8b_config_train_step_shapes():
-    cfg = llama3_8b.get_config()
-    config = LlamaConfig.from_dict(cfg.model)
-    assert 8.0e9 < config.num_params() < 8.1e9
+@pytest.mark.parametrize("name, params_range, k_proj", [
+    ("llama3_8b", (8.0e9, 8.1e9), (32, 4096, 8, 128)),  # Llama-3.1-8B: 8.03B
+    ("qwen2_5_7b", (7.6e9, 7.7e9), (28, 3584, 4, 128)),  # Qwen2.5-7B: 7.62B
+])
+def test_pod_configs_train_step_shapes(name, params_range, k_proj):
+    cfg = load_module(CONFIGS / f"{name}.py").get_config()
+    config = ModelConfig.from_dict(cfg.model)
+    assert params_range[0] < config.num_params() < params_range[1]
     tx = ts.make_optimizer(cfg.optimizer, cfg.train.steps, config)
     schedule = ts.learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     params = decoder.param_shapes(config)
@@ -332,7 +362,8 @@ def test_llama3_8b_config_train_step_shapes():
         lambda s, x: ts.train_step(s, x, config=config, train_cfg=cfg.train, tx=tx, schedule=schedule), state, batch)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state.params) == jax.tree.map(
         lambda x: (x.shape, x.dtype), params)
-    assert new_state.params["layers"]["self_attn"]["k_proj"].shape == (32, 4096, 8, 128)
+    assert new_state.params["layers"]["self_attn"]["k_proj"].shape == k_proj
+    assert config.num_params() == sum(x.size for x in jax.tree.leaves(params))
     assert metrics["loss"].shape == () and metrics["grad_norm"].dtype == np.float32
     shardings = decoder.param_shardings(config, sharding.make_mesh(data=1, fsdp=4, tensor=2))
     assert shardings["layers"]["mlp"]["up_proj"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
@@ -346,7 +377,7 @@ def _snapshot(directory: Path) -> dict:
 @pytest.fixture(scope="module")
 def tiny_hf_dir(tmp_path_factory):
     """A HF checkpoint with the tiny config's architecture (random weights) and the demo tokenizer."""
-    config = LlamaConfig.from_dict(tiny.get_config().model)
+    config = ModelConfig.from_dict(tiny.get_config().model)
     path = tmp_path_factory.mktemp("hf") / "tiny"
     return hf.save_pretrained(config, decoder.init_params(config, 0), path, tokenizer=tokenizer.demo_tokenizer(512))
 

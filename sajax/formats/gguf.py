@@ -1,16 +1,19 @@
-"""GGUF files (llama.cpp's format) → a LlamaConfig, sajax parameters and a transformers tokenizer, without torch.
+"""GGUF files (llama.cpp's format) → a ModelConfig, sajax parameters and a transformers tokenizer, without torch.
 
 `loading.load_pretrained`, `loading.load_config` and `tokenizer.load_tokenizer` call into here for a `.gguf` path, so
 a GGUF file works wherever a HF folder does (`init_from`, `sajax-generate --model`, `backend.model_dir`).
 
-- Config: from the `llama.*` metadata (block count, widths, heads, RoPE base, norm epsilon, context length) and
-  the tokenizer's special ids. A `rope_freqs` tensor (llama.cpp's form of LLaMA-3.1 RoPE scaling) is matched
-  against the llama3 settings sajax implements; any other scaling is refused by name.
+- Architectures `llama` (LLaMA 1/2/3 and Mistral's files), `qwen2` and `qwen3`. Config: from the `<arch>.*`
+  metadata (block count, widths, heads, head size, RoPE base, norm epsilon, context length), the tensors present
+  (tied output, q/k/v biases) and the tokenizer's special ids. A `rope_freqs` tensor (llama.cpp's form of
+  LLaMA-3.1 RoPE scaling) is matched against the llama3 settings sajax implements; any other scaling is refused
+  by name.
 - Tensors: read through the `gguf` package's memory map and dequantized one at a time (every type it
   dequantizes: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K…Q6_K, …), so host memory holds the converted
   parameters plus one tensor. llama.cpp's converter stores HF's [out, in] matrices but permutes the rows of
-  q_proj and k_proj for its interleaved RoPE — per head, row (pair i, half h) ← HF row (half h, pair i) — which is
-  undone here, giving HF's half-split layout that sajax's RoPE uses.
+  q_proj and k_proj of `llama` files for its interleaved RoPE — per head, row (pair i, half h) ← HF row (half h,
+  pair i) — which is undone here, giving HF's half-split layout that sajax's RoPE uses (`qwen2`/`qwen3` tensors are
+  stored unpermuted: their RoPE is half-split in llama.cpp too).
 - Tokenizer: the vocabulary, merges, special tokens and chat template of the metadata, built into a fast
   tokenizer by transformers' own GGUF tokenizer conversion (its GGUF *reader* needs torch; the `gguf` package
   reads the metadata here instead).
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sajax.formats import layout
-from sajax.model.config import Llama3RopeScaling, LlamaConfig
+from sajax.model.config import Llama3RopeScaling, ModelConfig
 
 _LAYER_TENSORS = {  # GGUF tensor suffix → HF name suffix
     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
@@ -32,7 +35,13 @@ _LAYER_TENSORS = {  # GGUF tensor suffix → HF name suffix
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight", "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias", "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
+# GGUF `general.architecture` → our model_type. Mistral's files are written as `llama` (no sliding window then).
+_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_PERMUTED = ("llama",)  # architectures whose q/k rows llama.cpp's converter permutes for its interleaved RoPE
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                    "output.weight": "lm_head.weight"}
 _IGNORED = ("rope_freqs.weight",)  # folded into the config
@@ -57,7 +66,7 @@ def _reader(path: str | os.PathLike):
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
 
 
-def _metadata(reader, prefixes: tuple[str, ...] = ("general.", "llama.", "tokenizer.")) -> dict:
+def _metadata(reader, prefixes: tuple[str, ...] = ("general.", "tokenizer.", *_ARCHITECTURES)) -> dict:
     out = {}
     for key, field in reader.fields.items():
         if key.startswith(prefixes):
@@ -90,52 +99,55 @@ def permute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def load_config(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> LlamaConfig:
-    """The LlamaConfig a GGUF file describes (`runtime`: dtype, remat_policy, scan_layers)."""
+def load_config(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> ModelConfig:
+    """The ModelConfig a GGUF file describes (`runtime`: dtype, remat_policy, scan_layers)."""
     reader = _reader(path)
     return _config(reader, Path(path), param_dtype, runtime)
 
 
-def _config(reader, path: Path, param_dtype: str, runtime: dict) -> LlamaConfig:
+def _config(reader, path: Path, param_dtype: str, runtime: dict) -> ModelConfig:
     meta = _metadata(reader)
     architecture = meta.get("general.architecture")
-    if architecture != "llama":
-        raise ValueError(f"{path}: architecture {architecture!r} is not supported (LLaMA GGUF files only)")
-    scaling = meta.get("llama.rope.scaling.type")
+    if architecture not in _ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {architecture!r} is not supported (GGUF architectures: "
+                         f"{sorted(_ARCHITECTURES)})")
+    arch = architecture
+    scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
-        raise ValueError(f"{path}: RoPE scaling {scaling!r} (llama.rope.scaling.type) is not supported")
+        raise ValueError(f"{path}: RoPE scaling {scaling!r} ({arch}.rope.scaling.type) is not supported")
 
     def need(key):
-        if key not in meta:
-            raise ValueError(f"{path}: metadata {key!r} is missing")
-        return meta[key]
+        if f"{arch}.{key}" not in meta:
+            raise ValueError(f"{path}: metadata {arch}.{key!r} is missing")
+        return meta[f"{arch}.{key}"]
 
-    hidden, heads = int(need("llama.embedding_length")), int(need("llama.attention.head_count"))
-    names = {t.name for t in reader.tensors}
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    tensors = {t.name: t for t in reader.tensors}
+    embedding = tensors.get("token_embd.weight")
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = meta.get("llama.vocab_size") or (len(tokens) if tokens is not None else None)
-    if vocab is None:
-        embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-        vocab = int(embedding.shape[1]) if embedding is not None else None
-    head_dim = int(meta.get("llama.attention.key_length") or hidden // heads)
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+    # The embedding's rows (the model's vocabulary) may outnumber the tokenizer's tokens (Qwen pads them).
+    vocab = int(embedding.shape[1]) if embedding is not None else (
+        meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else need("vocab_size")))
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
     fields = dict(
-        vocab_size=int(vocab) if vocab is not None else need("llama.vocab_size"),
-        hidden_size=hidden, intermediate_size=int(need("llama.feed_forward_length")),
-        num_hidden_layers=int(need("llama.block_count")), num_attention_heads=heads,
-        num_key_value_heads=int(meta.get("llama.attention.head_count_kv", heads)), head_dim=head_dim,
-        rms_norm_eps=_decimal(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=_decimal(meta.get("llama.rope.freq_base", 10000.0)),
-        max_position_embeddings=int(meta.get("llama.context_length", 2048)),
-        tie_word_embeddings="output.weight" not in names,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=eos,
+        model_type=_ARCHITECTURES[arch],
+        vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")), num_attention_heads=heads,
+        num_key_value_heads=int(meta.get(f"{arch}.attention.head_count_kv", heads)), head_dim=head_dim,
+        rms_norm_eps=_decimal(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=_decimal(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(meta.get(f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
         param_dtype=param_dtype, **runtime)
-    if "rope_freqs.weight" in names:
-        factors = _dequantized(next(t for t in reader.tensors if t.name == "rope_freqs.weight"), path)
+    if fields["model_type"] != "qwen2":  # llama/qwen3: biases are optional (HF's attention_bias), so look
+        fields["qkv_bias"] = "blk.0.attn_q.bias" in tensors
+    if "rope_freqs.weight" in tensors:
+        factors = _dequantized(tensors["rope_freqs.weight"], path)
         fields["rope_scaling"] = _llama3_scaling(factors.reshape(-1), fields["rope_theta"], head_dim, path)
     try:
-        return LlamaConfig(**fields)
+        return ModelConfig(**fields)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from e
 
@@ -174,14 +186,15 @@ class GGUFTensors:
     """HF name → float32 array, dequantized on access (one tensor at a time) with q/k rows unpermuted; `shapes()`
     from the file's tensor table without reading data. What `layout.params_from_hf_state` consumes."""
 
-    def __init__(self, reader, path: Path, config: LlamaConfig):
+    def __init__(self, reader, path: Path, config: ModelConfig):
         self.path, self.config = path, config
         self._tensors = {}
         for tensor in reader.tensors:
             name = hf_name(tensor.name)
             if name is None:
                 if tensor.name not in _IGNORED:
-                    raise ValueError(f"{path}: unexpected tensor {tensor.name} (not part of a LLaMA model)")
+                    raise ValueError(f"{path}: unexpected tensor {tensor.name} (not part of a "
+                                     f"{config.model_type} model)")
                 continue
             self._tensors[name] = tensor
 
@@ -193,6 +206,8 @@ class GGUFTensors:
 
     def __getitem__(self, name: str) -> np.ndarray:
         weight = _dequantized(self._tensors[name], self.path)
+        if self.config.model_type not in _PERMUTED:
+            return weight
         if name.endswith("self_attn.q_proj.weight"):
             weight = unpermute_rows(weight, self.config.num_attention_heads)
         elif name.endswith("self_attn.k_proj.weight"):
@@ -200,7 +215,7 @@ class GGUFTensors:
         return weight
 
 
-def open_tensors(path: str | os.PathLike, config: LlamaConfig) -> GGUFTensors:
+def open_tensors(path: str | os.PathLike, config: ModelConfig) -> GGUFTensors:
     """The tensors of a GGUF file, checked against `config` (names and shapes) without dequantizing."""
     path = Path(path)
     tensors = GGUFTensors(_reader(path), path, config)
@@ -208,7 +223,7 @@ def open_tensors(path: str | os.PathLike, config: LlamaConfig) -> GGUFTensors:
     return tensors
 
 
-def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> tuple[LlamaConfig, dict]:
+def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> tuple[ModelConfig, dict]:
     """(config, params) from a GGUF file, each tensor dequantized and cast to `param_dtype` in turn."""
     path = Path(path)
     reader = _reader(path)

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from sajax import fileutil
 from sajax.formats import layout
-from sajax.model.config import LlamaConfig
+from sajax.model.config import ModelConfig
 
 class _LazyTensors:
     """HF name → array, read on access from one or several safetensors files (keeps peak memory at one tensor)."""
@@ -44,8 +44,8 @@ class _LazyTensors:
         return {name: tuple(self._handle(name).get_slice(name).get_shape()) for name in self.keys()}
 
 
-def load_config(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> LlamaConfig:
-    """The LlamaConfig of a HF LLaMA directory: `config.json`, plus the end-of-sequence ids of
+def load_config(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> ModelConfig:
+    """The ModelConfig of a HF LLaMA directory: `config.json`, plus the end-of-sequence ids of
     `generation_config.json`; ValueError / FileNotFoundError naming the file that is missing or broken."""
     path = Path(path)
     config_file = path / "config.json"
@@ -54,11 +54,11 @@ def load_config(path: str | os.PathLike, param_dtype: str = "float32", **runtime
     hf_config = fileutil.read_json(config_file)
     if not isinstance(hf_config, dict):
         raise ValueError(f"{config_file}: expected a JSON object, got {type(hf_config).__name__}")
-    config = LlamaConfig.from_hf_dict(hf_config, source=str(config_file), param_dtype=param_dtype, **runtime)
+    config = ModelConfig.from_hf_dict(hf_config, source=str(config_file), param_dtype=param_dtype, **runtime)
     return _with_generation_eos(config, path / "generation_config.json")
 
 
-def open_tensors(path: str | os.PathLike, config: LlamaConfig) -> _LazyTensors:
+def open_tensors(path: str | os.PathLike, config: ModelConfig) -> _LazyTensors:
     """The safetensors of a HF directory (`model.safetensors` or the shards of `model.safetensors.index.json`),
     checked without reading their data: every file present with a complete header, and every tensor `config`
     needs with the right shape. Errors name the file or the tensor."""
@@ -83,9 +83,9 @@ def open_tensors(path: str | os.PathLike, config: LlamaConfig) -> _LazyTensors:
     return tensors
 
 
-def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> tuple[LlamaConfig, dict]:
+def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> tuple[ModelConfig, dict]:
     """(config, params) from a HF LLaMA directory or a GGUF file (dequantized tensor by tensor), parameters cast
-    to `param_dtype`. `runtime` sets the other run-time options of `LlamaConfig` (dtype of compute, remat_policy,
+    to `param_dtype`. `runtime` sets the other run-time options of `ModelConfig` (dtype of compute, remat_policy,
     scan_layers)."""
     config = load_config(path, param_dtype, **runtime)
     return config, layout.params_from_hf_state(config, open_tensors(path, config), source=str(path))
@@ -99,7 +99,7 @@ def _safetensors_names(file: Path) -> list[str]:
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
-def _with_generation_eos(config: LlamaConfig, generation_file: Path) -> LlamaConfig:
+def _with_generation_eos(config: ModelConfig, generation_file: Path) -> ModelConfig:
     """Adds the end-of-sequence ids of `generation_config.json` (e.g. LLaMA-3 Instruct's <|eot_id|>) to the
     config's, as transformers' generate stops at any of them."""
     if not generation_file.is_file():
@@ -115,7 +115,7 @@ def _with_generation_eos(config: LlamaConfig, generation_file: Path) -> LlamaCon
     return config.replace(eos_token_id=merged[0] if len(merged) == 1 else merged)
 
 
-def save_pretrained(config: LlamaConfig, params, path: str | os.PathLike, tokenizer=None,
+def save_pretrained(config: ModelConfig, params, path: str | os.PathLike, tokenizer=None,
                     max_shard_bytes: int = 5 * 2**30) -> Path:
     """Writes `config.json`, `generation_config.json`, safetensors weights (sharded with an index above
     `max_shard_bytes`) and, if given, the tokenizer. Written to a temporary directory and renamed at the end, so

@@ -9,56 +9,83 @@ Name and layout map (HF `nn.Linear.weight` is [out, in]; ours are [in, ...out]):
   model.layers.i.mlp.down_proj.weight [D,F]            → layers_i/mlp/down_proj [F,D]
   model.layers.i.{input,post_attention}_layernorm.weight, model.norm.weight → …/weight [D]
   lm_head.weight [V,D]                                 → lm_head [D,V] (absent when embeddings are tied)
+  model.layers.i.self_attn.{q,k,v}_proj.bias [N·E]     → layers_i/self_attn/{q,k,v}_bias [N,E]   (qkv_bias)
+  model.layers.i.self_attn.o_proj.bias [D]             → layers_i/self_attn/o_bias [D]           (o_bias)
+  model.layers.i.self_attn.{q,k}_norm.weight [E]       → layers_i/self_attn/{q,k}_norm/weight [E] (qk_norm)
 HF checkpoints store q/k rows in the half-split RoPE layout our model uses, so no row permutation.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import ml_dtypes
 import numpy as np
 
-from sajax.model.config import LlamaConfig
+from sajax.model.config import ModelConfig
 from sajax.model.decoder import stack_layers, unstack_layers
 
 SAFE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 
 
-def layer_entries(config: LlamaConfig, i: int):
-    """(HF name, our path, HF→ours, ours→HF) for the tensors of layer i."""
-    d, h, k, e = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+class Entry(NamedTuple):
+    """One tensor: its HF name and shape, its path in our param tree, and the layout maps both ways."""
+
+    hf_name: str
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def layer_entries(config: ModelConfig, i: int) -> list[Entry]:
+    """The tensors of layer i, with the family's optional ones (q/k/v/o biases, q/k norms)."""
+    d, f = config.hidden_size, config.intermediate_size
+    h, k, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     pre = f"model.layers.{i}."
-    heads = lambda n: (lambda w: w.T.reshape(d, n, e), lambda p: p.reshape(d, n * e).T)  # noqa: E731
-    transpose = (lambda w: w.T, lambda p: p.T)
-    same = (lambda w: w, lambda p: p)
-    return [
-        (pre + "self_attn.q_proj.weight", ("self_attn", "q_proj"), *heads(h)),
-        (pre + "self_attn.k_proj.weight", ("self_attn", "k_proj"), *heads(k)),
-        (pre + "self_attn.v_proj.weight", ("self_attn", "v_proj"), *heads(k)),
-        (pre + "self_attn.o_proj.weight", ("self_attn", "o_proj"),
-         lambda w: w.T.reshape(h, e, d), lambda p: p.reshape(h * e, d).T),
-        (pre + "mlp.gate_proj.weight", ("mlp", "gate_proj"), *transpose),
-        (pre + "mlp.up_proj.weight", ("mlp", "up_proj"), *transpose),
-        (pre + "mlp.down_proj.weight", ("mlp", "down_proj"), *transpose),
-        (pre + "input_layernorm.weight", ("input_layernorm", "weight"), *same),
-        (pre + "post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), *same),
+    heads = lambda n: ((n * e, d), lambda w: w.T.reshape(d, n, e), lambda p: p.reshape(d, n * e).T)  # noqa: E731
+    bias = lambda n: ((n * e,), lambda w: w.reshape(n, e), lambda p: p.reshape(n * e))  # noqa: E731
+    transpose = lambda shape: (shape, lambda w: w.T, lambda p: p.T)  # noqa: E731
+    same = lambda shape: (shape, lambda w: w, lambda p: p)  # noqa: E731
+    out = [
+        Entry(pre + "self_attn.q_proj.weight", ("self_attn", "q_proj"), *heads(h)),
+        Entry(pre + "self_attn.k_proj.weight", ("self_attn", "k_proj"), *heads(k)),
+        Entry(pre + "self_attn.v_proj.weight", ("self_attn", "v_proj"), *heads(k)),
+        Entry(pre + "self_attn.o_proj.weight", ("self_attn", "o_proj"), (d, h * e),
+              lambda w: w.T.reshape(h, e, d), lambda p: p.reshape(h * e, d).T),
+        Entry(pre + "mlp.gate_proj.weight", ("mlp", "gate_proj"), *transpose((f, d))),
+        Entry(pre + "mlp.up_proj.weight", ("mlp", "up_proj"), *transpose((f, d))),
+        Entry(pre + "mlp.down_proj.weight", ("mlp", "down_proj"), *transpose((d, f))),
+        Entry(pre + "input_layernorm.weight", ("input_layernorm", "weight"), *same((d,))),
+        Entry(pre + "post_attention_layernorm.weight", ("post_attention_layernorm", "weight"), *same((d,))),
     ]
-
-
-def entries(config: LlamaConfig):
-    same = (lambda w: w, lambda p: p)
-    out = [("model.embed_tokens.weight", ("embed_tokens",), *same), ("model.norm.weight", ("norm", "weight"), *same)]
-    if not config.tie_word_embeddings:
-        out.append(("lm_head.weight", ("lm_head",), lambda w: w.T, lambda p: p.T))
-    for i in range(config.num_hidden_layers):
-        out += [(name, (f"layers_{i}",) + path, a, b) for name, path, a, b in layer_entries(config, i)]
+    if config.qkv_bias:
+        out += [Entry(pre + "self_attn.q_proj.bias", ("self_attn", "q_bias"), *bias(h)),
+                Entry(pre + "self_attn.k_proj.bias", ("self_attn", "k_bias"), *bias(k)),
+                Entry(pre + "self_attn.v_proj.bias", ("self_attn", "v_bias"), *bias(k))]
+    if config.o_bias:
+        out.append(Entry(pre + "self_attn.o_proj.bias", ("self_attn", "o_bias"), *same((d,))))
+    if config.qk_norm:
+        out += [Entry(pre + "self_attn.q_norm.weight", ("self_attn", "q_norm", "weight"), *same((e,))),
+                Entry(pre + "self_attn.k_norm.weight", ("self_attn", "k_norm", "weight"), *same((e,)))]
     return out
 
 
-def check_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> None:
+def entries(config: ModelConfig) -> list[Entry]:
+    """Every tensor of the model `config` describes (unrolled layer paths)."""
+    d, v = config.hidden_size, config.vocab_size
+    out = [Entry("model.embed_tokens.weight", ("embed_tokens",), (v, d), lambda w: w, lambda p: p),
+           Entry("model.norm.weight", ("norm", "weight"), (d,), lambda w: w, lambda p: p)]
+    if not config.tie_word_embeddings:
+        out.append(Entry("lm_head.weight", ("lm_head",), (v, d), lambda w: w.T, lambda p: p.T))
+    for i in range(config.num_hidden_layers):
+        out += [entry._replace(path=(f"layers_{i}",) + entry.path) for entry in layer_entries(config, i)]
+    return out
+
+
+def check_tensors(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> None:
     """Raises ValueError naming the tensor when one that `config` needs is missing, one is unexpected or one has
     the wrong shape; `shapes` maps HF names to shapes."""
     expected = expected_hf_shapes(config)
@@ -76,7 +103,7 @@ def check_tensors(config: LlamaConfig, shapes: Mapping[str, tuple[int, ...]], so
                              f"{expected[name]}")
 
 
-def params_from_hf_state(config: LlamaConfig, tensors, source: str = "checkpoint", dtype=None):
+def params_from_hf_state(config: ModelConfig, tensors, source: str = "checkpoint", dtype=None):
     """Our param tree from a mapping HF name → array (numpy or anything `np.asarray` takes).
 
     Raises ValueError naming the tensor when one is missing, unexpected or of the wrong shape."""
@@ -86,41 +113,30 @@ def params_from_hf_state(config: LlamaConfig, tensors, source: str = "checkpoint
         check_tensors(config, {name: np.shape(tensors[name]) for name in tensors.keys()}, source)
     target = np.dtype(dtype or SAFE_DTYPES[config.param_dtype])
     params: dict = {}
-    for name, path, to_ours, _ in entries(config):
+    for entry in entries(config):
         node = params
-        for key in path[:-1]:
+        for key in entry.path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = np.ascontiguousarray(to_ours(np.asarray(tensors[name]).astype(target)))
+        node[entry.path[-1]] = np.ascontiguousarray(entry.to_ours(np.asarray(tensors[entry.hf_name]).astype(target)))
     if config.scan_layers:
         params = stack_layers(params, config.num_hidden_layers)
     return params
 
 
-def hf_state_from_params(config: LlamaConfig, params, dtype=None) -> dict[str, np.ndarray]:
+def hf_state_from_params(config: ModelConfig, params, dtype=None) -> dict[str, np.ndarray]:
     """HF name → numpy array (the inverse of `params_from_hf_state`)."""
     params = jax.device_get(params)
     if config.scan_layers:
         params = unstack_layers(params, config.num_hidden_layers)
     out = {}
-    for name, path, _, to_hf in entries(config):
+    for entry in entries(config):
         node = params
-        for key in path:
+        for key in entry.path:
             node = node[key]
         array = np.asarray(node)
-        out[name] = np.ascontiguousarray(to_hf(array.astype(dtype) if dtype is not None else array))
+        out[entry.hf_name] = np.ascontiguousarray(entry.to_hf(array.astype(dtype) if dtype is not None else array))
     return out
 
 
-def expected_hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    h, k, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    per_layer = {"self_attn.q_proj.weight": (h * e, d), "self_attn.k_proj.weight": (k * e, d),
-                 "self_attn.v_proj.weight": (k * e, d), "self_attn.o_proj.weight": (d, h * e),
-                 "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f),
-                 "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)}
-    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, d)
-    for i in range(config.num_hidden_layers):
-        shapes.update({f"model.layers.{i}.{n}": s for n, s in per_layer.items()})
-    return shapes
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {entry.hf_name: entry.hf_shape for entry in entries(config)}

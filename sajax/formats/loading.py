@@ -10,24 +10,24 @@ import os
 
 from sajax.formats import gguf, hf, known_models, tokenizer
 from sajax.model import decoder
-from sajax.model.config import LlamaConfig
+from sajax.model.config import ModelConfig
 
 
-def load_config(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> LlamaConfig:
+def load_config(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> ModelConfig:
     """The config of a HF folder (`config.json` + `generation_config.json`) or of a GGUF file (its metadata);
     `runtime` sets the run-time options (dtype, remat_policy, scan_layers, …)."""
     reader = gguf if gguf.is_gguf(path) else hf
     return reader.load_config(path, param_dtype, **runtime)
 
 
-def open_tensors(path: str | os.PathLike, config: LlamaConfig):
+def open_tensors(path: str | os.PathLike, config: ModelConfig):
     """The tensors of a HF folder or GGUF file, checked against `config` (every file complete, every tensor
     present with its shape) without reading their data; errors name the file or the tensor."""
     reader = gguf if gguf.is_gguf(path) else hf
     return reader.open_tensors(path, config)
 
 
-def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> tuple[LlamaConfig, dict]:
+def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **runtime) -> tuple[ModelConfig, dict]:
     """(config, params) of a HF folder or GGUF file, parameters cast to `param_dtype` tensor by tensor."""
     reader = gguf if gguf.is_gguf(path) else hf
     return reader.load_pretrained(path, param_dtype, **runtime)
@@ -43,14 +43,14 @@ def load_model_and_tokenizer(cfg, model_path: str | None):
         config, params = load_pretrained(model_path, param_dtype=cfg.model.param_dtype, **runtime)
         tok = tokenizer.load_tokenizer(model_path)
     else:
-        config = LlamaConfig.from_dict(cfg.model)
+        config = ModelConfig.from_dict(cfg.model)
         params = decoder.init_params(config, cfg.seed)
         tok = tokenizer.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tokenizer.demo_tokenizer(config.vocab_size)
     check_vocabulary(tok, config)
     return config, params, tok
 
 
-def check_vocabulary(tok, config: LlamaConfig) -> None:
+def check_vocabulary(tok, config: ModelConfig) -> None:
     """ValueError when the tokenizer can produce ids the model has no embedding for."""
     if len(tok) > config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}")

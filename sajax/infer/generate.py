@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sajax.model.config import LlamaConfig
-from sajax.model.decoder import Llama, init_cache, output_weights, positions_from_mask
+from sajax.model.config import ModelConfig
+from sajax.model.decoder import CausalLM, init_cache, output_weights, positions_from_mask
 
 
 @dataclasses.dataclass
@@ -85,7 +85,7 @@ def right_pad(sequences: Sequence[Sequence[int]], length_bucket: int) -> tuple[n
     return ids, mask
 
 
-def stop_token_ids(config: LlamaConfig, tokenizer) -> list[int]:
+def stop_token_ids(config: ModelConfig, tokenizer) -> list[int]:
     """Every end-of-sequence id of the model (config and generation_config.json), of the tokenizer, and the end-of-
     turn token of its chat template."""
     from sajax.formats.tokenizer import end_of_turn_ids
@@ -186,21 +186,21 @@ class Prefilled:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _prefill(config: LlamaConfig, reserve: int, params, ids, mask):
+def _prefill(config: ModelConfig, reserve: int, params, ids, mask):
     batch, length = ids.shape
     cache = init_cache(config, batch, length + reserve)
     key_mask = jnp.zeros((batch, length + reserve), jnp.int32).at[:, :length].set(mask)
-    hidden, cache = Llama(config).apply({"params": params}, ids, positions_from_mask(mask), key_mask, cache, 0,
+    hidden, cache = CausalLM(config).apply({"params": params}, ids, positions_from_mask(mask), key_mask, cache, 0,
                                         return_hidden=True)
     logits = (hidden[:, -1] @ output_weights(config, params)).astype(jnp.float32)  # no [B,P,V] logits
     return cache, key_mask, jnp.sum(mask, axis=1), logits
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _extend(config: LlamaConfig, slot: int, params, cache, key_mask, position, logits, ids, mask):
+def _extend(config: ModelConfig, slot: int, params, cache, key_mask, position, logits, ids, mask):
     key_mask = jax.lax.dynamic_update_slice(key_mask, mask, (0, slot))
     positions = position[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B,F]
-    hidden, cache = Llama(config).apply({"params": params}, ids, positions, key_mask, cache, slot,
+    hidden, cache = CausalLM(config).apply({"params": params}, ids, positions, key_mask, cache, slot,
                                         return_hidden=True)
     appended = jnp.sum(mask, axis=1)
     new_logits = (hidden[:, -1] @ output_weights(config, params)).astype(jnp.float32)
@@ -208,10 +208,10 @@ def _extend(config: LlamaConfig, slot: int, params, cache, key_mask, position, l
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _decode(config: LlamaConfig, slot: int, max_new_tokens: int, num_logprobs: int, params, cache, key_mask,
+def _decode(config: ModelConfig, slot: int, max_new_tokens: int, num_logprobs: int, params, cache, key_mask,
             position, logits, rng, temperature, top_k, top_p, eos_ids, pad_id):
     """num_logprobs < 0: tokens only; ≥ 0: also each token's log p and the top `num_logprobs` alternatives."""
-    model = Llama(config)
+    model = CausalLM(config)
     batch = logits.shape[0]
     step_key = jax.vmap(jax.random.fold_in, (0, None)) if rng.ndim else jax.random.fold_in
 
@@ -257,13 +257,13 @@ def _decode(config: LlamaConfig, slot: int, max_new_tokens: int, num_logprobs: i
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _take_rows(config: LlamaConfig, cache, key_mask, position, logits, rows):
+def _take_rows(config: ModelConfig, cache, key_mask, position, logits, rows):
     axis = 1 if config.scan_layers else 0
     return (jax.tree.map(lambda x: jnp.take(x, rows, axis=axis), cache), key_mask[rows], position[rows],
             logits[rows])
 
 
-def _check_tokens(config: LlamaConfig, sequences: Sequence[Sequence[int]], what: str) -> None:
+def _check_tokens(config: ModelConfig, sequences: Sequence[Sequence[int]], what: str) -> None:
     for i, seq in enumerate(sequences):
         if len(seq) and not 0 <= min(seq) <= max(seq) < config.vocab_size:
             raise ValueError(f"{what} {i} has token ids outside the vocabulary [0, {config.vocab_size})")
@@ -297,7 +297,7 @@ def shared_prefixes(prompts: Sequence[Sequence[int]], min_shared: int = 16):
     return prefixes, owner, suffixes
 
 
-def prefill(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, reserve: int,
+def prefill(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *, reserve: int,
             length_bucket: int = 32, share_prefixes: bool = True) -> Prefilled:
     """Runs `prompts` (token lists) through the model into a KV cache with `reserve` free slots after each.
 
@@ -331,7 +331,7 @@ def _prefill_padded(config, params, prompts, reserve, length_bucket) -> Prefille
     return Prefilled(cache, key_mask, position, logits, ids.shape[1])
 
 
-def extend(config: LlamaConfig, params, state: Prefilled, tokens: Sequence[Sequence[int]],
+def extend(config: ModelConfig, params, state: Prefilled, tokens: Sequence[Sequence[int]],
            length_bucket: int = 1) -> Prefilled:
     """Appends tokens[i] to row i (rows may get none) in one pass; `state` is consumed (its cache is updated in
     place) and the extended state returned. The appended block is the longest list rounded up to
@@ -348,7 +348,7 @@ def extend(config: LlamaConfig, params, state: Prefilled, tokens: Sequence[Seque
     return Prefilled(cache, key_mask, position, logits, state.slot + ids.shape[1])
 
 
-def decode(config: LlamaConfig, params, state: Prefilled, *, max_new_tokens: int,
+def decode(config: ModelConfig, params, state: Prefilled, *, max_new_tokens: int,
            temperature: float | Sequence[float] = 0.0, top_k: int = 0, top_p: float | Sequence[float] = 1.0,
            seed: int | Sequence[int] = 0, eos_token_id: int | Sequence[int] | None = None,
            pad_token_id: int | None = None, top_logprobs: int | None = None) -> Generation:
@@ -377,7 +377,7 @@ def decode(config: LlamaConfig, params, state: Prefilled, *, max_new_tokens: int
     return Generation(np.asarray(tokens), np.asarray(lengths), logprobs, top_ids, top_logp)
 
 
-def compile_generation(config: LlamaConfig, params, *, batch: int, prompt_len: int, new_tokens: int,
+def compile_generation(config: ModelConfig, params, *, batch: int, prompt_len: int, new_tokens: int,
                        input_sharding) -> tuple:
     """Ahead-of-time (`sajax.aot`): the two programs `generate` runs for `batch` prompts of `prompt_len` tokens
     and `new_tokens` more — the prefill, then the decode loop — lowered for abstract `params` (ShapeDtypeStructs
@@ -397,7 +397,7 @@ def compile_generation(config: LlamaConfig, params, *, batch: int, prompt_len: i
     return prefill, decode
 
 
-def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              length_bucket: int = 32, share_prefixes: bool = True) -> Generation:
@@ -417,14 +417,14 @@ def generate(config: LlamaConfig, params, prompts: Sequence[Sequence[int]], *, m
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _continuation_logprobs(config: LlamaConfig, params, ids, mask, continuation_mask):
-    logits, _ = Llama(config).apply({"params": params}, ids, positions_from_mask(mask), mask)
+def _continuation_logprobs(config: ModelConfig, params, ids, mask, continuation_mask):
+    logits, _ = CausalLM(config).apply({"params": params}, ids, positions_from_mask(mask), mask)
     logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # predicts ids[:, 1:]
     token_logprobs = jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(token_logprobs * continuation_mask[:, 1:], axis=-1)
 
 
-def score_continuations(config: LlamaConfig, params, prompts: Sequence[Sequence[int]],
+def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[int]],
                         continuations: Sequence[Sequence[int]], length_bucket: int = 32) -> np.ndarray:
     """log p(continuations[i] | prompts[i]) = Σ_j log softmax(logits at the token before j)[token j], summed over
     the continuation's tokens; float32 [N], one forward pass over right-padded prompt+continuation rows."""
@@ -441,7 +441,7 @@ def score_continuations(config: LlamaConfig, params, prompts: Sequence[Sequence[
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _mean_hidden(config: LlamaConfig, params, ids, mask):
+def _mean_hidden(config: ModelConfig, params, ids, mask):
     from sajax.model import decoder
 
     hidden = decoder.hidden_states(config, params, ids, mask).astype(jnp.float32)  # [B,T,D]
@@ -449,7 +449,7 @@ def _mean_hidden(config: LlamaConfig, params, ids, mask):
     return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
-def mean_hidden_states(config: LlamaConfig, params, sequences: Sequence[Sequence[int]],
+def mean_hidden_states(config: ModelConfig, params, sequences: Sequence[Sequence[int]],
                        length_bucket: int = 32) -> np.ndarray:
     """Σ_t h_t / T over each token list's final (normed) hidden states: float32 [N, D], one pass over right-padded
     rows (sentence embeddings of a decoder LM)."""
@@ -459,7 +459,7 @@ def mean_hidden_states(config: LlamaConfig, params, sequences: Sequence[Sequence
     return np.asarray(_mean_hidden(config, params, ids, mask))
 
 
-def generate_text(config: LlamaConfig, params, tokenizer, prompts: Sequence[str], chat: bool = False,
+def generate_text(config: ModelConfig, params, tokenizer, prompts: Sequence[str], chat: bool = False,
                   **kwargs) -> list[str]:
     """Text in, text out: encodes with the tokenizer's special tokens (BOS) — or, with `chat`, each prompt as a
     user turn of the tokenizer's chat template — and decodes without them; stops at any end-of-sequence id of the

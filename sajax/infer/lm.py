@@ -16,7 +16,7 @@ import numpy as np
 
 from sajax.formats import tokenizer as tokenizer_lib
 from sajax.infer import generate
-from sajax.model.config import LlamaConfig
+from sajax.model.config import ModelConfig
 
 Conversation = Sequence[tuple[str, str]]
 ROLES = ("user", "assistant")
@@ -38,7 +38,7 @@ def as_text(conversation: Conversation) -> str:
 
 @dataclasses.dataclass
 class LanguageModel:
-    config: LlamaConfig
+    config: ModelConfig
     params: object
     tokenizer: object
     batch_size: int = 16

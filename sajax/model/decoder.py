@@ -1,4 +1,6 @@
-"""Flax (linen) LLaMA, numerically the same function as transformers' `LlamaForCausalLM`.
+"""One Flax (linen) decoder for every supported family — numerically the same function as transformers'
+`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` and `Qwen3ForCausalLM` — with the family's
+differences as `ModelConfig` switches (q/k/v/o biases, q/k RMSNorm, sliding-window layers, tied output).
 
 Shapes: B batch, T query length, S key length (= T without a cache, the cache length with one), D hidden,
 H query heads, K key/value heads (H = K·G, grouped-query attention), E head_dim, F intermediate, V vocab, L layers.
@@ -8,9 +10,10 @@ Every parameter carries logical axis names (`vocab, embed, heads, kv_heads, head
 q/k projection weights are used as they are, with no permutation.
 
 One call serves training, prefill and decoding:
-  `Llama(config)(input_ids [B,T], positions [B,T], key_mask [B,S], cache=None, cache_index=0)`
+  `CausalLM(config)(input_ids [B,T], positions [B,T], key_mask [B,S], cache=None, cache_index=0)`
 A key at slot s is visible to the query at slot `cache_index + t` iff `key_mask[b, s]` and `s <= cache_index + t`
-(causal + padding). With a cache, the new keys/values are written at slots `[cache_index, cache_index + T)`.
+(causal + padding) and, in a sliding-window layer, its position is fewer than `sliding_window` before the query's.
+With a cache, the new keys/values are written at slots `[cache_index, cache_index + T)`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sajax.model.config import Llama3RopeScaling, LlamaConfig
+from sajax.model import lora
+from sajax.model.config import Llama3RopeScaling, ModelConfig
 from sajax.parallel import sharding
 
 Array = jax.Array
@@ -34,8 +38,32 @@ def _dtype(name: str):
     return jnp.dtype(name)
 
 
-def _param(module: nn.Module, name: str, shape, axes, init, config: LlamaConfig):
+def _param(module: nn.Module, name: str, shape, axes, init, config: ModelConfig):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, _dtype(config.param_dtype))
+
+
+def _projection(module: nn.Module, name: str, x: Array, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                in_axes: tuple[str, ...], out_axes: tuple[str, ...]) -> Array:
+    """x [..., *in] · W [*in, *out] → [..., *out]; with a LoRA adapter on W (`sajax.model.lora`), plus
+    (α/r)·(dropout(x)·A)·B, A [*in, r], B [r, *out]. Dropout only while a "dropout" rng is given (training)."""
+    c = module.config
+    dtype = _dtype(c.dtype)
+    weight = _param(module, name, (*in_shape, *out_shape), (*in_axes, *out_axes),
+                    nn.initializers.normal(c.initializer_range), c)
+    y = dense(x, weight.astype(dtype), contract=len(in_shape))
+    if not lora.targeted(c, "/".join((*module.path, name))):
+        return y
+    r, fan_in = c.lora_rank, math.prod(in_shape)
+    a_init = nn.initializers.uniform(2 / math.sqrt(fan_in))  # [0, 2/√fan_in), shifted below: ±1/√fan_in
+    a = _param(module, name + lora.SUFFIXES[0], (*in_shape, r), (*in_axes, lora.RANK_AXIS),
+               lambda key, shape, dt: a_init(key, shape, dt) - 1 / math.sqrt(fan_in), c)
+    b = _param(module, name + lora.SUFFIXES[1], (r, *out_shape), (lora.RANK_AXIS, *out_axes), nn.initializers.zeros,
+               c)
+    if c.lora_dropout > 0 and module.has_rng("dropout"):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1 - c.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1 - c.lora_dropout), 0).astype(x.dtype)
+    low = dense(x, a.astype(dtype), contract=len(in_shape))  # [..., r]
+    return y + dense(low, b.astype(dtype)) * jnp.asarray(lora.scaling(c), dtype)
 
 
 def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
@@ -82,7 +110,7 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x²) + eps) · weight, normalised in float32."""
 
-    config: LlamaConfig
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -100,26 +128,37 @@ def attention_mask(key_mask: Array, query_len: int, cache_index: Array | int) ->
     return key_mask[:, None, :].astype(bool) & (key_slot <= query_slot)[None]
 
 
-class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE; softmax(q·kᵀ/√E + mask)·v in float32, then the output projection."""
+def within_window(query_positions: Array, key_positions: Array, window: int) -> Array:
+    """[B,T] and [B,S] positions → [B,T,S] boolean: key s is fewer than `window` positions before query t
+    (HF's sliding window, `kv_idx > q_idx − window`). Positions, not slots: with padding between a row's tokens
+    (`extend`) or several spans per row (packing), positions still count the tokens a query really sees."""
+    return (query_positions[:, :, None] - key_positions[:, None, :]) < window
 
-    config: LlamaConfig
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; softmax(q·kᵀ/√E + mask)·v in float32, then the output projection.
+    Family switches: biases on q/k/v (`qkv_bias`) and o (`o_bias`), RMSNorm over E on every query and key head
+    before RoPE (`qk_norm`)."""
+
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, x: Array, positions: Array, mask: Array, layer_cache, cache_index):
         c = self.config
-        init = nn.initializers.normal(c.initializer_range)
         d, h, k, e = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         dtype = _dtype(c.dtype)
-        wq = _param(self, "q_proj", (d, h, e), ("embed", "heads", "head_dim"), init, c).astype(dtype)
-        wk = _param(self, "k_proj", (d, k, e), ("embed", "kv_heads", "head_dim"), init, c).astype(dtype)
-        wv = _param(self, "v_proj", (d, k, e), ("embed", "kv_heads", "head_dim"), init, c).astype(dtype)
-        wo = _param(self, "o_proj", (h, e, d), ("heads", "head_dim", "embed"), init, c).astype(dtype)
-
+        q = _projection(self, "q_proj", x, (d,), (h, e), ("embed",), ("heads", "head_dim"))  # [B,T,H,E]
+        key = _projection(self, "k_proj", x, (d,), (k, e), ("embed",), ("kv_heads", "head_dim"))  # [B,T,K,E]
+        value = _projection(self, "v_proj", x, (d,), (k, e), ("embed",), ("kv_heads", "head_dim"))  # [B,T,K,E]
+        if c.qkv_bias:
+            zeros = nn.initializers.zeros
+            q = q + _param(self, "q_bias", (h, e), ("heads", "head_dim"), zeros, c).astype(dtype)
+            key = key + _param(self, "k_bias", (k, e), ("kv_heads", "head_dim"), zeros, c).astype(dtype)
+            value = value + _param(self, "v_bias", (k, e), ("kv_heads", "head_dim"), zeros, c).astype(dtype)
+        if c.qk_norm:
+            q, key = RMSNorm(c, name="q_norm")(q), RMSNorm(c, name="k_norm")(key)
         inv_freq = rope_inverse_frequencies(e, c.rope_theta, c.rope_scaling)
-        q = apply_rope(dense(x, wq), positions, inv_freq)  # [B,T,H,E]
-        key = apply_rope(dense(x, wk), positions, inv_freq)  # [B,T,K,E]
-        value = dense(x, wv)
+        q, key = apply_rope(q, positions, inv_freq), apply_rope(key, positions, inv_freq)
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
         new_cache = None
@@ -134,7 +173,10 @@ class Attention(nn.Module):
             out = causal_attention(q, key, value, mask)
         else:
             out = grouped_attention(q, key, value, mask)  # [B,T,H,E]
-        return dense(out, wo, contract=2), new_cache
+        out = _projection(self, "o_proj", out, (h, e), (d,), ("heads", "head_dim"), ("embed",))
+        if c.o_bias:
+            out = out + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros, c).astype(dtype)
+        return out, new_cache
 
 
 def dense(x: Array, w: Array, contract: int = 1) -> Array:
@@ -251,29 +293,28 @@ _blocked_attention.defvjp(_blocked_attention_forward, _blocked_attention_backwar
 class MLP(nn.Module):
     """SwiGLU: down(silu(x·gate) ⊙ (x·up))."""
 
-    config: LlamaConfig
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        c = self.config
-        init = nn.initializers.normal(c.initializer_range)
-        dtype = _dtype(c.dtype)
-        d, f = c.hidden_size, c.intermediate_size
-        gate = _param(self, "gate_proj", (d, f), ("embed", "mlp"), init, c).astype(dtype)
-        up = _param(self, "up_proj", (d, f), ("embed", "mlp"), init, c).astype(dtype)
-        down = _param(self, "down_proj", (f, d), ("mlp", "embed"), init, c).astype(dtype)
-        hidden = jax.nn.silu(dense(x, gate)) * dense(x, up)
+        d, f = self.config.hidden_size, self.config.intermediate_size
+        gate = _projection(self, "gate_proj", x, (d,), (f,), ("embed",), ("mlp",))
+        up = _projection(self, "up_proj", x, (d,), (f,), ("embed",), ("mlp",))
+        hidden = jax.nn.silu(gate) * up
         hidden = _constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        return dense(hidden, down)
+        return _projection(self, "down_proj", hidden, (f,), (d,), ("mlp",), ("embed",))
 
 
 class DecoderLayer(nn.Module):
-    """x + attn(norm(x)), then + mlp(norm(·)). Signature fits `nn.scan`: (carry, per-layer xs, broadcasts...)."""
+    """x + attn(norm(x)), then + mlp(norm(·)). Signature fits `nn.scan`: (carry, per-layer xs..., broadcasts...).
+    `sliding` (a Python bool, or a traced one per scanned layer) picks `window_mask` over `mask`."""
 
-    config: LlamaConfig
+    config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, layer_cache, positions: Array, mask: Array, cache_index):
+    def __call__(self, x: Array, layer_cache, sliding, positions: Array, mask: Array, window_mask, cache_index):
+        if window_mask is not None and sliding is not False:
+            mask = window_mask if sliding is True else jnp.where(sliding, window_mask, mask)
         attn_out, new_cache = Attention(self.config, name="self_attn")(
             RMSNorm(self.config, name="input_layernorm")(x), positions, mask, layer_cache, cache_index)
         x = x + attn_out
@@ -289,18 +330,18 @@ _REMAT_POLICIES = {
 }
 
 
-def _layer_class(config: LlamaConfig):
+def _layer_class(config: ModelConfig):
     if config.remat_policy == "none":
         return DecoderLayer
     return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
 
 
-class Llama(nn.Module):
+class CausalLM(nn.Module):
     """The causal LM. Returns (logits [B,T,V] float32, updated cache or None); with `return_hidden`, the final
     normed hidden states [B,T,D] instead of logits (the loss then projects them chunk by chunk with
     `output_weights`)."""
 
-    config: LlamaConfig
+    config: ModelConfig
 
     @nn.compact
     def __call__(self, input_ids: Array, positions: Array, key_mask: Array, cache: KVCache | None = None,
@@ -314,21 +355,29 @@ class Llama(nn.Module):
         table = _constrain(embedding, ("vocab", None))
         x = jnp.take(table, input_ids, axis=0).astype(dtype)  # [B,T,D]
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
-        if mask is None:  # else a given [B,T,S] mask (packed rows: `packed_attention_mask`)
+        window_mask = None
+        if mask is None:  # else a given [B,T,S] mask (packed rows: `packed_attention_mask`), keys at `positions`
             mask = attention_mask(key_mask, input_ids.shape[1], cache_index)  # [B,T,S]
+            key_positions = positions_from_mask(key_mask)
+        else:
+            key_positions = positions
+        if c.sliding_window is not None:
+            window_mask = mask & within_window(positions, key_positions, c.sliding_window)
         cache_index = jnp.asarray(cache_index, jnp.int32)
 
         layer_cls = _layer_class(c)
         if c.scan_layers:
-            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_hidden_layers,
-                              metadata_params={nn.PARTITION_NAME: "layers"})
-            x, new_cache = scanned(c, name="layers")(x, cache, positions, mask, cache_index)
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                              length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            sliding = jnp.asarray([c.is_sliding(i) for i in range(c.num_hidden_layers)])  # [L]
+            x, new_cache = scanned(c, name="layers")(x, cache, sliding, positions, mask, window_mask, cache_index)
         else:
             new_cache = []  # one buffer per layer, updated in place (re-stacking would copy the cache every step)
             for i in range(c.num_hidden_layers):
-                x, layer_cache = layer_cls(c, name=f"layers_{i}")(x, None if cache is None else cache[i], positions,
-                                                                  mask, cache_index)
+                x, layer_cache = layer_cls(c, name=f"layers_{i}")(x, None if cache is None else cache[i],
+                                                                  c.is_sliding(i), positions, mask, window_mask,
+                                                                  cache_index)
                 new_cache.append(layer_cache)
             new_cache = None if cache is None else new_cache
 
@@ -354,24 +403,30 @@ def positions_from_mask(attention_mask: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def forward(config: LlamaConfig, params, input_ids: Array, attention_mask: Array) -> Array:
+def forward(config: ModelConfig, params, input_ids: Array, attention_mask: Array) -> Array:
     """logits [B,T,V] (float32) for `input_ids` [B,T] with `attention_mask` [B,T] (1 = real token)."""
-    logits, _ = Llama(config).apply({"params": params}, input_ids, positions_from_mask(attention_mask),
+    logits, _ = CausalLM(config).apply({"params": params}, input_ids, positions_from_mask(attention_mask),
                                     attention_mask)
     return logits
 
 
-def output_weights(config: LlamaConfig, params) -> Array:
+def output_weights(config: ModelConfig, params) -> Array:
     """The output projection [D,V] in the compute dtype: lm_head, or the transposed embedding when tied."""
     weights = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
     return weights.astype(_dtype(config.dtype))
 
 
-def hidden_states(config: LlamaConfig, params, input_ids: Array, attention_mask: Array) -> Array:
-    """Final normed hidden states [B,T,D] (right padding; positions from the mask)."""
-    hidden, _ = Llama(config).apply({"params": params}, input_ids, positions_from_mask(attention_mask),
-                                    attention_mask, return_hidden=True)
+def hidden_states(config: ModelConfig, params, input_ids: Array, attention_mask: Array,
+                  dropout_rng: Array | None = None) -> Array:
+    """Final normed hidden states [B,T,D] (right padding; positions from the mask). `dropout_rng`: LoRA dropout
+    (training)."""
+    hidden, _ = CausalLM(config).apply({"params": params}, input_ids, positions_from_mask(attention_mask),
+                                       attention_mask, return_hidden=True, rngs=_rngs(dropout_rng))
     return hidden
+
+
+def _rngs(dropout_rng: Array | None) -> dict:
+    return {} if dropout_rng is None else {"dropout": dropout_rng}
 
 
 def packed_attention_mask(segment_ids: Array, span_ids: Array) -> Array:
@@ -384,17 +439,17 @@ def packed_attention_mask(segment_ids: Array, span_ids: Array) -> Array:
     return causal[None] & same_segment & shared
 
 
-def packed_hidden_states(config: LlamaConfig, params, tokens: Array, positions: Array, segment_ids: Array,
-                         span_ids: Array) -> Array:
+def packed_hidden_states(config: ModelConfig, params, tokens: Array, positions: Array, segment_ids: Array,
+                         span_ids: Array, dropout_rng: Array | None = None) -> Array:
     """Final normed hidden states [B,T,D] of packed rows (`sajax.data.packing`)."""
-    hidden, _ = Llama(config).apply({"params": params}, tokens, positions, segment_ids > 0, return_hidden=True,
-                                    mask=packed_attention_mask(segment_ids, span_ids))
+    hidden, _ = CausalLM(config).apply({"params": params}, tokens, positions, segment_ids > 0, return_hidden=True,
+                                       mask=packed_attention_mask(segment_ids, span_ids), rngs=_rngs(dropout_rng))
     return hidden
 
 
-def _init_boxed(config: LlamaConfig, rng: Array):
+def _init_boxed(config: ModelConfig, rng: Array):
     ids = jnp.zeros((1, 1), jnp.int32)
-    return Llama(config).init(rng, ids, ids, jnp.ones((1, 1), jnp.int32))["params"]
+    return CausalLM(config).init(rng, ids, ids, jnp.ones((1, 1), jnp.int32))["params"]
 
 
 def _unbox(tree):
@@ -404,20 +459,20 @@ def _unbox(tree):
                         is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def init_params(config: LlamaConfig, rng: Array | int = 0):
+def init_params(config: ModelConfig, rng: Array | int = 0):
     """Random parameters (HF's init: normal(initializer_range) for matrices, ones for norms), as plain arrays."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
     return _unbox(jax.jit(_init_boxed, static_argnums=0)(config, rng))
 
 
-def param_logical_axes(config: LlamaConfig):
+def param_logical_axes(config: ModelConfig):
     """Tree like the params holding a `PartitionSpec` of logical axis names for every parameter."""
-    abstract = jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0))
+    abstract = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))  # traced key: no device array needed
     return nn.get_partition_spec(abstract)
 
 
-def param_shardings(config: LlamaConfig, mesh, rules=sharding.LOGICAL_AXIS_RULES):
+def param_shardings(config: ModelConfig, mesh, rules=sharding.LOGICAL_AXIS_RULES):
     """NamedSharding of every parameter on `mesh`; ValueError naming the parameter if a dimension does not divide
     evenly over its mesh axes."""
     shardings = sharding.logical_to_sharding(param_logical_axes(config), mesh, rules)
@@ -425,12 +480,36 @@ def param_shardings(config: LlamaConfig, mesh, rules=sharding.LOGICAL_AXIS_RULES
     return shardings
 
 
-def param_shapes(config: LlamaConfig):
+def init_adapters(config: ModelConfig, rng: Array | int = 0):
+    """The LoRA adapters alone (A random, B zero), as `init_params` would make them: XLA drops the base
+    weights' initialisation, as nothing returns them. Empty without LoRA."""
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    return jax.jit(lambda key: lora.split(_unbox(_init_boxed(config, key)))[1])(rng)
+
+
+def check_lora(config: ModelConfig) -> None:
+    """ValueError naming the regex when LoRA is on and `lora_targets` matches none of the model's projections."""
+    if config.lora_rank > 0 and not lora.split(param_shapes(config))[1]:
+        paths = sorted("/".join(k) for k in _projection_paths(param_shapes(config.replace(lora_rank=0))))
+        raise ValueError(f"lora.targets {config.lora_targets!r} matches no projection of the model (their paths: "
+                         f"{', '.join(paths[:4])}, …)")
+
+
+def _projection_paths(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _projection_paths(value, prefix + (key,))
+        elif key.endswith("_proj"):
+            yield prefix + (key,)
+
+
+def param_shapes(config: ModelConfig):
     """Tree like the params holding `jax.ShapeDtypeStruct`s (no memory allocated)."""
-    return _unbox(jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0)))
+    return _unbox(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0))))
 
 
-def init_cache(config: LlamaConfig, batch_size: int, max_length: int) -> KVCache:
+def init_cache(config: ModelConfig, batch_size: int, max_length: int) -> KVCache:
     """Zeroed KV cache in the compute dtype: per layer {"k", "v"} [B, S, K, E] (scanned layers: one stacked
     {"k", "v"} [L, B, S, K, E], scanned over with the layers)."""
     shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)

@@ -34,6 +34,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters: split along their base weight's other axes
     # activations
     ("batch", BATCH_AXES),
     ("activation_batch", BATCH_AXES),

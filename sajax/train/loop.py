@@ -31,8 +31,8 @@ from sajax import config_files, fileutil
 from sajax.data import alignment, demo, pipeline
 from sajax.formats import known_models, loading
 from sajax.formats import tokenizer as tokenizer_lib
-from sajax.model import decoder
-from sajax.model.config import LlamaConfig
+from sajax.model import decoder, lora
+from sajax.model.config import ModelConfig
 from sajax.parallel import distributed, sharding
 from sajax.train import checkpoint
 from sajax.train import metrics as metrics_lib
@@ -103,19 +103,28 @@ def init_from(cfg) -> str:
     return known_models.resolve(cfg.init_from)
 
 
-def model_config(cfg, workdir: Path | None = None) -> LlamaConfig:
+def lora_options(cfg) -> dict:
+    """The `lora` config section as ModelConfig run-time options (rank 0 when the section is absent: a config
+    written before sajax had LoRA)."""
+    section = cfg.get("lora") or {}
+    return {f"lora_{k}": section[k] for k in ("rank", "alpha", "targets", "dropout") if k in section}
+
+
+def model_config(cfg, workdir: Path | None = None) -> ModelConfig:
     """The architecture: the workdir's `model_config.json` once a run has started there; else `init_from`'s
-    config (and generation config), else `cfg.model`. Run-time options always come from `cfg.model`."""
+    config (and generation config), else `cfg.model`. Run-time options always come from `cfg.model` and the
+    `lora` section."""
     runtime = {k: cfg.model[k] for k in ("dtype", "param_dtype", "remat_policy", "scan_layers")}
+    runtime.update(lora_options(cfg))
     saved = None if workdir is None else workdir / MODEL_CONFIG
     if saved is not None and saved.is_file():
         hf_config = fileutil.read_json(saved)
         if not isinstance(hf_config, dict):
             raise ValueError(f"{saved}: expected a JSON object, got {type(hf_config).__name__}")
-        return LlamaConfig.from_hf_dict(hf_config, source=str(saved), **runtime)
+        return ModelConfig.from_hf_dict(hf_config, source=str(saved), **runtime)
     if cfg.init_from:
         return loading.load_config(init_from(cfg), **runtime)
-    return LlamaConfig.from_dict(cfg.model)
+    return ModelConfig.from_dict({**cfg.model.to_dict(), **runtime})
 
 
 def _has_checkpoints(workdir: Path) -> bool:
@@ -129,7 +138,7 @@ class Setup:
 
     cfg: object
     workdir: Path
-    config: LlamaConfig
+    config: ModelConfig
     tokenizer: object
     mesh: jax.sharding.Mesh
     steps: int  # optimizer steps of the whole run (train.steps, or from train.epochs and the data)
@@ -154,6 +163,8 @@ def prepare(cfg, workdir: Path) -> Setup:
     encoder = pipeline.GroupEncoder(tok, cfg.data.max_len, cfg.data.max_prompt_len, cfg.data.num_comp,
                                           chat=prompt_format(cfg, tok) == "chat")
 
+    decoder.check_lora(config)
+    base_dtype(cfg)
     mesh = sharding.make_mesh(**cfg.mesh)
     sharding.check_micro_batch(cfg.train.batch_size // cfg.train.grad_accum_steps, mesh)
     decoder.param_shardings(config, mesh)  # every parameter divisible by its mesh axes
@@ -200,7 +211,7 @@ def total_steps(cfg, train_groups: int) -> int:
     return cfg.train.steps
 
 
-def _tokenizer(cfg, workdir: Path, config: LlamaConfig):
+def _tokenizer(cfg, workdir: Path, config: ModelConfig):
     """The workdir's copy once a run has started there; else `cfg.tokenizer`, `init_from`'s, or the demo one."""
     if (workdir / "tokenizer").is_dir():
         return tokenizer_lib.load_tokenizer(workdir / "tokenizer")
@@ -229,7 +240,7 @@ def _data(cfg, workdir: Path) -> tuple[list, dict | None]:
 
 
 def _checked_source(cfg, path, split) -> alignment.GroupSource:
-    source = alignment.GroupSource(path, split)
+    source = alignment.GroupSource(path, split, preference_scores=(float(cfg.train.rating_scale), 1.0))
     dropped = source.validate((1.0, float(cfg.train.rating_scale)), cfg.data.drop_invalid_scores)
     if dropped.responses:
         if distributed.is_main():
@@ -260,13 +271,34 @@ def commit(setup: Setup) -> None:
         setup.demo_records = None
 
 
-def initial_params(cfg, config: LlamaConfig, params_sharding):
+def base_dtype(cfg) -> str | None:
+    """`lora.base_dtype`: the dtype the frozen base weights are held in during LoRA training ("" or absent: the
+    model's param_dtype)."""
+    chosen = (cfg.get("lora") or {}).get("base_dtype", "")
+    if chosen not in ("", "float32", "bfloat16", "float16"):
+        raise ValueError(f"lora.base_dtype must be '', 'float32', 'bfloat16' or 'float16', got {chosen!r}")
+    return chosen or None
+
+
+def initial_params(cfg, config: ModelConfig, params_sharding):
+    """The model a run starts from, laid out as `params_sharding` (all parameters): `init_from`'s weights or the
+    seeded random initialisation, plus — with LoRA — adapters seeded by `cfg.seed` (B = 0: the base's function)."""
     if cfg.init_from:
         _, params = loading.load_pretrained(init_from(cfg), param_dtype=config.param_dtype,
-                                       scan_layers=config.scan_layers)
+                                            scan_layers=config.scan_layers)
+        if config.lora_rank:
+            params = lora.combine(params, jax.device_get(decoder.init_adapters(config, cfg.seed)))
         return jax.device_put(params, params_sharding)
     init = jax.jit(lambda rng: decoder.init_params(config, rng), out_shardings=params_sharding)
     return init(jax.random.key(cfg.seed))
+
+
+def frozen_params(cfg, config: ModelConfig, frozen: dict) -> dict:
+    """The frozen part of the initial params, in `lora.base_dtype` when set."""
+    dtype = base_dtype(cfg)
+    if dtype is None or not frozen:
+        return frozen
+    return jax.jit(lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree), donate_argnums=0)(frozen)
 
 
 def run(cfg, workdir: str | os.PathLike) -> dict:
@@ -288,12 +320,25 @@ def _train(setup: Setup) -> dict:
         ckpt = stack.enter_context(checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep,
                                                            every=cfg.checkpoint.every))
         packed = cfg.data.packing
-        train_step = ts.make_train_step(config, cfg.train, tx, setup.schedule, mesh, shardings, packed=packed)
-        eval_step = ts.make_eval_step(config, cfg.train.loss_chunk_size, mesh, shardings.params, packed=packed)
+        step_fn = ts.make_train_step(config, cfg.train, tx, setup.schedule, mesh, shardings, packed=packed,
+                                     seed=cfg.seed)
+        eval_step = ts.make_eval_step(config, cfg.train.loss_chunk_size, mesh, decoder.param_shardings(config, mesh),
+                                      packed=packed)
+        try:
+            restored = ckpt.restore_latest(ts.abstract_state(config, tx, shardings))
+        except checkpoint.CheckpointError as e:
+            raise TrainingError(f"{e}; move the broken checkpoints out of {ckpt.directory} to start again from "
+                                "the last readable one (or from scratch)") from e
         reference = setup.reference
-        if cfg.train.objective == "dpo" and reference is None:  # log-probs of the *initial* model, once
+        needs_reference = cfg.train.objective == "dpo" and reference is None
+        trainable, frozen = None, {}
+        if restored is None or config.lora_rank or needs_reference:  # the initial model, loaded once
+            trainable, frozen = ts.split_trainable(
+                config, initial_params(cfg, config, decoder.param_shardings(config, mesh)))
+            frozen = frozen_params(cfg, config, frozen)
+        if needs_reference:  # log-probs of the *initial* model (LoRA: the frozen base, as trained), once
             reference = reference_lib.compute_and_save(
-                workdir / reference_lib.FILE, initial_params(cfg, config, shardings.params), config,
+                workdir / reference_lib.FILE, ts.with_frozen(config, trainable, frozen), config,
                 setup.encoder, [s for s in setup.sources if s is not None], mesh, batch_size=micro_batch,
                 chunk_size=cfg.train.loss_chunk_size, pack_len=pack_len(cfg) if packed else 0)
         data = pipeline.train_dataset(
@@ -302,25 +347,23 @@ def _train(setup: Setup) -> dict:
             process_count=jax.process_count(), reference=None if reference is None else reference[0],
             read_threads=cfg.data.read_threads,
             packer=pipeline.make_packer(setup.encoder, mesh, cfg.train.batch_size, cfg.train.grad_accum_steps,
-                                              pack_len(cfg)) if packed else None)
+                                        pack_len(cfg)) if packed else None)
         iterator = iter(data)
-        try:
-            restored = ckpt.restore_latest(ts.abstract_state(config, tx, shardings))
-        except checkpoint.CheckpointError as e:
-            raise TrainingError(f"{e}; move the broken checkpoints out of {ckpt.directory} to start again from "
-                                "the last readable one (or from scratch)") from e
         log_window = []
         if restored is None:
-            state = ts.init_state(initial_params(cfg, config, shardings.params), tx, shardings)
+            state = ts.init_state(trainable, tx, shardings)
         else:
             _, state, data_state, meta = restored
             iterator.set_state(data_state)
             log_window = meta.get("log_window", [])
+        del trainable  # the state holds it now (or the checkpoint's)
         start = int(state.step)
         writer = stack.enter_context(metrics_lib.MetricsWriter(workdir, start_step=start))
         evaluate = _evaluator(eval_step, validation_source, setup.encoder, cfg, mesh, micro_batch,
                               None if reference is None else reference[1])
-        return _loop(setup, state, iterator, train_step, evaluate, ckpt, writer, start, log_window)
+        return _loop(setup, state, iterator, lambda state, batch: step_fn(state, batch, frozen),
+                     lambda trained: evaluate(ts.with_frozen(config, trained, frozen)), ckpt, writer, start,
+                     log_window)
 
 
 def _evaluator(eval_step, source, encoder, cfg, mesh, batch_size, reference):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sajax import fileutil
-from sajax.model.config import LlamaConfig
+from sajax.model.config import ModelConfig
 from sajax.parallel import distributed
 
 # Dense bf16 peak FLOP/s per device, by jax `device_kind` prefix.
@@ -23,13 +23,19 @@ PEAK_FLOPS = {
 }
 
 
-def train_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of forward + backward per token (PaLM, appendix B): 6·N_matmul + 12·L·H·E·T, where N_matmul
     counts the weights used in matmuls (the output projection but not the embedding lookup) and the second term
-    is attention's score and value products. Recomputation (remat) is not counted: this is *model* FLOPs."""
-    matmul_params = config.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    is attention's score and value products. With LoRA the frozen weights get no weight gradient: 4·N_frozen
+    (forward, and the gradient w.r.t. their inputs) + 6·N_adapters. Recomputation (remat) is not counted: this
+    is *model* FLOPs."""
+    base = config.replace(lora_rank=0)
+    matmul_params = base.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    return 6.0 * matmul_params + attention
+    if config.lora_rank == 0:
+        return 6.0 * matmul_params + attention
+    adapters = config.num_params() - base.num_params()
+    return 4.0 * matmul_params + 6.0 * adapters + attention
 
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
