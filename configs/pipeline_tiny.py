@@ -22,6 +22,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = ml_collections.ConfigDict(dict(ratios="5,1,1", validation_percent=20, seed=0))
     config.train = load_config(HERE / "tiny.py")  # the policy; data.path is the pipeline's dataset
     config.train.train.steps = 150
+    # The re-simulated society's revise prompts (question, the draft and four peers' reasons, each up to its token
+    # limit) reach ~560 demo-tokenizer tokens before 48 new ones: a context of 1,024 (RoPE: no weights change).
+    config.train.model.max_position_embeddings = 1024
+    # With --config.train.lora.rank > 0: the tiny model is random, so its frozen output layer maps any hidden state
+    # to a near-uniform next token (logits ~±0.5), and a rank-r update of it moves the logits in r directions only:
+    # the output layer trains in full beside the adapters (PEFT's modules_to_save), or the model cannot answer.
+    config.train.lora.modules_to_save = "lm_head$"
     config.train.eval_every = 0
     config.objectives = ("stable_alignment", "sft")  # from sim.pipeline.OBJECTIVES; same data, steps and lr
     config.eval = ml_collections.ConfigDict(dict(

@@ -38,10 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
         dpo_beta=0.1,
         loss_chunk_size=64))  # sequence positions per chunk of the output projection + log-softmax
     # LoRA (sajax.model.lora): rank 0 trains every weight; rank > 0 trains adapters of that rank beside the frozen
-    # weights whose path (layers_3/self_attn/q_proj; scanned: layers/…) the regex `targets` matches, scaled by
-    # alpha / rank, with `dropout` on their input; base_dtype: the frozen weights' dtype ("" = model.param_dtype).
+    # weights whose path (layers_3/self_attn/q_proj; scanned: layers/…; lm_head) the regex `targets` matches, scaled
+    # by alpha / rank, with `dropout` on their input, and in full the parameters the regex `modules_to_save`
+    # matches (PEFT's; "" = none); base_dtype: the frozen weights' dtype ("" = model.param_dtype).
     config.lora = ml_collections.ConfigDict(dict(
-        rank=0, alpha=16.0, targets=r"(q|k|v|o|gate|up|down)_proj$", dropout=0.0, base_dtype=""))
+        rank=0, alpha=16.0, targets=r"(q|k|v|o|gate|up|down)_proj$", dropout=0.0, modules_to_save="",
+        base_dtype=""))
     config.optimizer = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8,
         clip_norm=1.0,

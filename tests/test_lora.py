@@ -87,22 +87,39 @@ def test_adapter_gradients_equal_peft(adapted, tmp_path):
     peft_model.unload()
 
 
-def test_a_regex_picks_layers_and_peft_adapts_exactly_those(tmp_path):
+def test_regexes_pick_layers_the_output_layer_and_full_modules_and_peft_follows(tmp_path):
+    """targets: q/v of layers 0 and 2 and the output layer; modules_to_save: the final norm, trained in full."""
     torch_model, config, base = make_reference(seed=6, num_hidden_layers=3)
-    config = config.replace(lora_rank=2, lora_targets=r"layers_(0|2)/self_attn/(q|v)_proj$")
-    adapters = jax.tree.map(lambda a: a + 0.1, jax.device_get(decoder.init_adapters(config, 0)))
+    config = config.replace(lora_rank=2, lora_targets=r"layers_(0|2)/self_attn/(q|v)_proj$|lm_head$",
+                            lora_modules_to_save=r"^norm/weight$")
+    adapters = jax.tree.map(lambda a: a + 0.05, jax.device_get(decoder.init_adapters(config, 0)))
     assert sorted("/".join(p) for p, _, _ in lora.adapter_pairs(adapters)) == [
         "layers_0/self_attn/q_proj", "layers_0/self_attn/v_proj", "layers_2/self_attn/q_proj",
-        "layers_2/self_attn/v_proj"]
+        "layers_2/self_attn/v_proj", "lm_head"]
     assert config.num_params() == sum(x.size for x in jax.tree.leaves(lora.combine(base, adapters)))
-    params = lora.combine(base, adapters)
+    params = lora.combine({**base, "norm": {"weight": base["norm"]["weight"] * 1.2}}, adapters)
+    trained, frozen = ts.split_trainable(config, params)
+    assert trained["norm"]["weight"] is params["norm"]["weight"] and "norm" not in frozen
     folder = sajax_peft.save_adapter(config, params, tmp_path / "adapter")
     ids, mask = right_padded_batch(config.vocab_size)
     peft_model = peft.PeftModel.from_pretrained(torch_model, folder).eval()
     assert sorted(n for n, _ in peft_model.named_modules() if n.endswith("lora_A")) == [
+        "base_model.model.lm_head.lora_A"] + [
         f"base_model.model.model.layers.{i}.self_attn.{p}_proj.lora_A" for i in (0, 2) for p in ("q", "v")]
-    np.testing.assert_allclose(np.asarray(decoder.forward(config, params, ids, mask))[mask == 1],
-                               torch_logits(peft_model, ids, mask)[mask == 1], atol=TOLERANCE)
+    ours = np.asarray(decoder.forward(config, params, ids, mask))[mask == 1]
+    np.testing.assert_allclose(ours, torch_logits(peft_model, ids, mask)[mask == 1], atol=TOLERANCE)
+    hidden = decoder.hidden_states(config, params, ids, mask)  # the trainer's path: the adapter in the head
+    np.testing.assert_allclose(np.asarray(hidden @ decoder.output_weights(config, params))[mask == 1], ours,
+                               atol=TOLERANCE)
+    merged_config, merged = lora.merged(config, params)
+    np.testing.assert_allclose(np.asarray(decoder.forward(merged_config, merged, ids, mask))[mask == 1], ours,
+                               atol=TOLERANCE)
+    with pytest.raises(ValueError, match="lora.modules_to_save 'nothing' matches no parameter path"):
+        decoder.check_lora(config.replace(lora_modules_to_save="nothing"))
+    with pytest.raises(ValueError, match="lm_head is both a LoRA target .* and trained in full"):
+        decoder.check_lora(config.replace(lora_modules_to_save="lm_head$"))
+    with pytest.raises(ValueError, match="adapts lm_head, which takes no lora.dropout"):
+        decoder.check_lora(config.replace(lora_dropout=0.1))
     with pytest.raises(ValueError, match=r"lora.targets 'attn/qq_proj' matches no projection of the model"):
         decoder.check_lora(config.replace(lora_targets="attn/qq_proj"))
     with pytest.raises(ValueError, match="lora.rank must be an integer >= 0"):
@@ -114,7 +131,8 @@ def test_a_regex_picks_layers_and_peft_adapts_exactly_those(tmp_path):
 @pytest.mark.parametrize("objective", losses.OBJECTIVES)
 def test_every_objective_trains_the_adapters_alone_sharded_along_the_base(objective):
     config = ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, lora_rank=4, lora_dropout=0.1)
+                         num_attention_heads=4, num_key_value_heads=2, lora_rank=4, lora_dropout=0.1,
+                         lora_modules_to_save=r"^norm/weight$")
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
     specs = decoder.param_shardings(config, mesh)["layers_0"]
     assert specs["self_attn"]["q_proj_lora_a"].spec == jax.sharding.PartitionSpec("fsdp", None)
@@ -127,8 +145,9 @@ def test_every_objective_trains_the_adapters_alone_sharded_along_the_base(object
     rng = np.random.default_rng(0)
     batch = pipeline.stack([encoder.encode(g, [0, 1, 2], rng.normal(-30, 5, 3)) for g in demo.synthetic_groups(4, 2)])
     tx = ts.make_optimizer(cfg.optimizer, 10, config)
-    assert set(jax.tree.leaves(jax.tree.map(lambda s: s.spec, ts.state_shardings(config, tx, mesh).params))) == set(
-        jax.tree.leaves(jax.tree.map(lambda s: s.spec, lora.split(decoder.param_shardings(config, mesh))[1])))
+    specs = lambda tree: jax.tree.map(lambda s: s.spec, tree)  # noqa: E731
+    assert specs(ts.state_shardings(config, tx, mesh).params) == specs(
+        lora.split(decoder.param_shardings(config, mesh), config.lora_modules_to_save)[1])
     mesh = sharding.make_mesh(devices=jax.devices()[:1])  # one device: the step itself (a faster compile)
     shardings = ts.state_shardings(config, tx, mesh)
     trainable, frozen = ts.split_trainable(config, jax.device_put(decoder.init_params(config, 0),
@@ -148,4 +167,5 @@ def test_every_objective_trains_the_adapters_alone_sharded_along_the_base(object
                for (_, parent_after, name), (_, parent_before, _) in zip(lora.adapter_pairs(after),
                                                                          lora.adapter_pairs(before)))
     assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(frozen), frozen_before))
-    assert len(jax.tree.leaves(after)) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    assert len(jax.tree.leaves(after)) == 2 * 7 * 2 + 1  # A and B of 7 projections in 2 layers, the final norm
+    assert not np.array_equal(after["norm"]["weight"], before["norm"]["weight"])

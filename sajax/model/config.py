@@ -102,8 +102,10 @@ class ModelConfig:
     scan_layers: bool = False  # one scanned layer body instead of L unrolled copies (faster compiles)
     lora_rank: int = 0  # > 0: LoRA adapters of this rank beside the targeted weights (sajax.model.lora)
     lora_alpha: float = 16.0  # LoRA scaling α (the update is α/r · A·B)
-    lora_targets: str = LORA_TARGETS  # regex searched in each projection's path (layers_3/self_attn/q_proj)
+    lora_targets: str = LORA_TARGETS  # regex searched in each projection's path (layers_3/self_attn/q_proj; lm_head)
     lora_dropout: float = 0.0  # dropout on the adapters' input while training
+    lora_modules_to_save: str = ""  # regex of parameter paths trained in full beside the adapters (PEFT's
+    # modules_to_save; e.g. "lm_head$"); "" = none
 
     def __post_init__(self):
         family = FAMILIES.get(self.model_type)
@@ -183,10 +185,12 @@ class ModelConfig:
             raise ValueError(f"lora.alpha must be > 0, got {self.lora_alpha!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.lora_dropout!r}")
-        try:
-            re.compile(self.lora_targets)
-        except re.error as e:
-            raise ValueError(f"lora.targets {self.lora_targets!r} is not a regular expression ({e})") from e
+        for name in ("targets", "modules_to_save"):
+            pattern = getattr(self, f"lora_{name}")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"lora.{name} {pattern!r} is not a regular expression ({e})") from e
 
     def is_sliding(self, layer: int) -> bool:
         """Whether layer `layer` attends through the sliding window."""
@@ -209,6 +213,8 @@ class ModelConfig:
         per_layer += hd * (h + 2 * kv) * self.qkv_bias + d * self.o_bias + 2 * hd * self.qk_norm
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         adapters = sum(self._adapter_params(i) for i in range(self.num_hidden_layers)) if self.lora_rank else 0
+        if self.lora_rank and not self.tie_word_embeddings and re.search(self.lora_targets, "lm_head"):
+            adapters += self.lora_rank * (d + self.vocab_size)
         return self.vocab_size * d + self.num_hidden_layers * per_layer + adapters + d + head
 
     def _adapter_params(self, layer: int) -> int:

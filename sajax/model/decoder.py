@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -387,9 +388,7 @@ class CausalLM(nn.Module):
         if c.tie_word_embeddings:
             logits = dense(x, embedding.astype(dtype).T)
         else:
-            head = _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
-                          nn.initializers.normal(c.initializer_range), c)
-            logits = dense(x, head.astype(dtype))
+            logits = _projection(self, "lm_head", x, (c.hidden_size,), (c.vocab_size,), ("embed",), ("vocab",))
         logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32), new_cache
 
@@ -411,8 +410,14 @@ def forward(config: ModelConfig, params, input_ids: Array, attention_mask: Array
 
 
 def output_weights(config: ModelConfig, params) -> Array:
-    """The output projection [D,V] in the compute dtype: lm_head, or the transposed embedding when tied."""
-    weights = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
+    """The output projection [D,V] in the compute dtype: lm_head (with a LoRA adapter: lm_head + α/r·A·B), or the
+    transposed embedding when tied."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"].T.astype(_dtype(config.dtype))
+    weights = params["lm_head"].astype(jnp.float32)
+    if "lm_head" + lora.SUFFIXES[0] in params:
+        a, b = params["lm_head" + lora.SUFFIXES[0]], params["lm_head" + lora.SUFFIXES[1]]
+        weights = weights + lora.scaling(config) * (a.astype(jnp.float32) @ b.astype(jnp.float32))
     return weights.astype(_dtype(config.dtype))
 
 
@@ -489,7 +494,24 @@ def init_adapters(config: ModelConfig, rng: Array | int = 0):
 
 
 def check_lora(config: ModelConfig) -> None:
-    """ValueError naming the regex when LoRA is on and `lora_targets` matches none of the model's projections."""
+    """ValueError naming the regex when LoRA is on and `lora_targets` matches none of the model's projections, or
+    when it adapts the output layer with dropout (the loss projects hidden states through `output_weights`, which
+    has the adapter merged, so there is no input to drop out)."""
+    if config.lora_rank > 0 and config.lora_dropout > 0 and not config.tie_word_embeddings \
+            and lora.targeted(config, "lm_head"):
+        raise ValueError(f"lora.targets {config.lora_targets!r} adapts lm_head, which takes no lora.dropout "
+                         f"(got {config.lora_dropout}): set lora.dropout=0 or leave lm_head out")
+    if config.lora_rank > 0 and config.lora_modules_to_save:
+        base = lora.split(param_shapes(config))[0]
+        saved = lora.split(base, config.lora_modules_to_save)[1]
+        if not saved:
+            raise ValueError(f"lora.modules_to_save {config.lora_modules_to_save!r} matches no parameter path "
+                             f"(paths look like {', '.join(sorted(base)[:4])}, …)")
+        both = sorted("/".join(p) for p, _, _ in lora.adapter_pairs(lora.split(param_shapes(config))[1])
+                      if re.search(config.lora_modules_to_save, "/".join(p)))
+        if both:
+            raise ValueError(f"{both[0]} is both a LoRA target (lora.targets) and trained in full "
+                             "(lora.modules_to_save): leave it out of one of them")
     if config.lora_rank > 0 and not lora.split(param_shapes(config))[1]:
         paths = sorted("/".join(k) for k in _projection_paths(param_shapes(config.replace(lora_rank=0))))
         raise ValueError(f"lora.targets {config.lora_targets!r} matches no projection of the model (their paths: "
@@ -500,7 +522,7 @@ def _projection_paths(tree, prefix=()):
     for key, value in tree.items():
         if isinstance(value, dict):
             yield from _projection_paths(value, prefix + (key,))
-        elif key.endswith("_proj"):
+        elif key.endswith("_proj") or key == "lm_head":
             yield prefix + (key,)
 
 

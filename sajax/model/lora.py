@@ -1,14 +1,16 @@
 """LoRA (Hu et al., 2021): low-rank adapters beside frozen base weights, as PEFT defines them.
 
-For a base projection W [in..., out...] whose path (`layers_3/self_attn/q_proj`; scanned layers: `layers/…`)
-matches the regex `ModelConfig.lora_targets`, the decoder adds two parameters next to it,
+For a base projection W [in..., out...] whose path (`layers_3/self_attn/q_proj`; scanned layers: `layers/…`; the
+untied output layer: `lm_head`) matches the regex `ModelConfig.lora_targets`, the decoder adds two parameters next
+to it,
 
     A = <name>_lora_a [in..., r]   (PEFT's lora_A: Kaiming-uniform, bound 1/√fan_in)
     B = <name>_lora_b [r, out...]  (PEFT's lora_B: zeros, so the adapted model starts as the base)
 
 and computes y = x·W + (α/r)·(dropout(x)·A)·B. A and B carry the base weight's logical axes on its in / out side
 and `lora_rank` (replicated) on the other, so they are sharded along the base weight's axes. Training
-differentiates A and B only (`split` / `combine`); `merged` folds them into W for export.
+differentiates A and B only (`split` / `combine`) — and, as PEFT's `modules_to_save`, the parameters whose path
+the regex `lora_modules_to_save` matches, in full; `merged` folds the adapters into W for export.
 
 Trees here are nested dicts keyed like the params (params, their shapes, shardings or logical axes alike).
 """
@@ -40,17 +42,18 @@ def is_adapter(name: str) -> bool:
     return name.endswith(SUFFIXES)
 
 
-def split(tree: dict) -> tuple[dict, dict]:
-    """(base, adapters): the tree without its adapter leaves, and a tree of the adapter leaves alone."""
+def split(tree: dict, saved: str = "", prefix: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(base, adapters): the tree without its adapter leaves, and a tree of the adapter leaves alone — plus, with
+    `saved` (`lora_modules_to_save`), the leaves whose path that regex matches, moved to the second tree."""
     base, adapters = {}, {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            b, a = split(value)
+            b, a = split(value, saved, prefix + (key,))
             if b:
                 base[key] = b
             if a:
                 adapters[key] = a
-        elif is_adapter(key):
+        elif is_adapter(key) or (saved and re.search(saved, "/".join(prefix + (key,)))):
             adapters[key] = value
         else:
             base[key] = value

@@ -107,7 +107,8 @@ def lora_options(cfg) -> dict:
     """The `lora` config section as ModelConfig run-time options (rank 0 when the section is absent: a config
     written before sajax had LoRA)."""
     section = cfg.get("lora") or {}
-    return {f"lora_{k}": section[k] for k in ("rank", "alpha", "targets", "dropout") if k in section}
+    return {f"lora_{k}": section[k] for k in ("rank", "alpha", "targets", "dropout", "modules_to_save")
+            if k in section}
 
 
 def model_config(cfg, workdir: Path | None = None) -> ModelConfig:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sajax import fileutil
+from sajax.model import decoder, lora
 from sajax.model.config import ModelConfig
 from sajax.parallel import distributed
 
@@ -27,15 +28,19 @@ def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of forward + backward per token (PaLM, appendix B): 6·N_matmul + 12·L·H·E·T, where N_matmul
     counts the weights used in matmuls (the output projection but not the embedding lookup) and the second term
     is attention's score and value products. With LoRA the frozen weights get no weight gradient: 4·N_frozen
-    (forward, and the gradient w.r.t. their inputs) + 6·N_adapters. Recomputation (remat) is not counted: this
-    is *model* FLOPs."""
-    base = config.replace(lora_rank=0)
-    matmul_params = base.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    (forward, and the gradient w.r.t. their inputs) + 6·N_trained (adapters, modules_to_save). Recomputation
+    (remat) is not counted: this is *model* FLOPs."""
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
     if config.lora_rank == 0:
-        return 6.0 * matmul_params + attention
-    adapters = config.num_params() - base.num_params()
-    return 4.0 * matmul_params + 6.0 * adapters + attention
+        return 6.0 * _matmul_params(config, decoder.param_shapes(config)) + attention
+    trained, frozen = lora.split(decoder.param_shapes(config), config.lora_modules_to_save)
+    return 6.0 * _matmul_params(config, trained) + 4.0 * _matmul_params(config, frozen) + attention
+
+
+def _matmul_params(config: ModelConfig, tree: dict) -> int:
+    """Parameters of `tree`, less the embedding table when it is only looked up (untied)."""
+    lookup = tree["embed_tokens"].size if "embed_tokens" in tree and not config.tie_word_embeddings else 0
+    return sum(x.size for x in jax.tree.leaves(tree)) - lookup
 
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:

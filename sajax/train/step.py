@@ -33,11 +33,12 @@ class TrainState:
 
 def split_trainable(config: ModelConfig, tree) -> tuple[Any, dict]:
     """(what training updates, what it holds fixed) of a params-like tree (params, shapes, shardings, logical
-    axes): every parameter and nothing; with LoRA (`config.lora_rank` > 0), the adapters and the base weights."""
+    axes): every parameter and nothing; with LoRA (`config.lora_rank` > 0), the adapters with the
+    `lora_modules_to_save` parameters, and the rest of the base weights."""
     if config.lora_rank == 0:
         return tree, {}
-    base, adapters = lora.split(tree)
-    return adapters, base
+    base, trained = lora.split(tree, config.lora_modules_to_save)
+    return trained, base
 
 
 def with_frozen(config: ModelConfig, trainable, frozen: dict):
