@@ -113,6 +113,17 @@ def with_overrides(cfg, **overrides):
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct, fetched once per machine: (GGUF path, config, params, tokenizer), loaded once per
+    test session for every test that needs the real model."""
+    from sajax.formats import known_models, loading, tokenizer
+
+    path = known_models.fetch("SmolLM2-135M-Instruct")
+    config, params = loading.load_pretrained(path)
+    return path, config, params, tokenizer.load_tokenizer(path)
+
+
+@pytest.fixture(scope="session")
 def gqa_reference():
     """GQA (4 heads, 2 kv heads), untied, default RoPE: shared by the HF, generation and sharding tests."""
     return make_reference(seed=1)

@@ -9,7 +9,6 @@ import pytest
 
 from sajax.evals import adversarial, judge, multiple_choice, stats, sycophancy
 from sajax.evals.multiple_choice import Question, Questions
-from sajax.formats import known_models, loading, tokenizer
 from sajax.infer import generate, lm
 
 
@@ -119,10 +118,9 @@ def test_are_you_sure_flip_rate_is_the_share_that_caves():
 
 
 @pytest.fixture(scope="module")
-def smollm2_lm():
-    path = known_models.fetch("SmolLM2-135M-Instruct")
-    config, params = loading.load_pretrained(path)
-    return lm.LanguageModel(config, params, tokenizer.load_tokenizer(path), batch_size=4)
+def smollm2_lm(smollm2):
+    _, config, params, tok = smollm2
+    return lm.LanguageModel(config, params, tok, batch_size=4)
 
 
 def test_a_chat_model_is_scored_inside_its_template(smollm2_lm):

@@ -1,6 +1,7 @@
-"""sajax-pipeline, the closed loop, on a small version of its embedded default (a scripted society, a tiny model):
-every stage's outputs and the report; a crash in the middle and the rerun that finishes without redoing finished
-work; a changed configuration refused; objectives added to a finished pipeline, or left out."""
+"""sajax-pipeline, the closed loop, on a small version of its embedded default (a scripted society, a tiny model
+trained with LoRA adapters of rank 8 — the embedded default trains every weight): every stage's outputs and the
+report; a crash in the middle and the rerun that finishes without redoing finished work; a changed configuration
+refused; objectives added to a finished pipeline, or left out."""
 
 import json
 import os
@@ -22,6 +23,7 @@ def small_config():
     # drafts be missing rather than stop the re-simulation
     cfg.sim.observer_backend.max_missing_fraction = 1.0
     cfg.train.train.steps = 20
+    cfg.train.lora.rank = 8  # what `--config.train.lora.rank=8` sets: training, export and evaluation of adapters
     cfg.train.log_every = 10
     cfg.train.checkpoint.every = 10
     cfg.eval.update(dict(limit=6, max_new_tokens=12))
@@ -90,8 +92,10 @@ def test_every_stage_and_the_report(finished):
     for objective in cfg.objectives:
         record = json.loads((workdir / "stages" / f"train_{objective}.json").read_text())
         assert 0.0 <= record["eval"]["ranking_accuracy"] <= 1.0
-        assert json.loads((workdir / "train" / objective / "config.json").read_text())["train"]["objective"] \
-            == objective
+        run_config = json.loads((workdir / "train" / objective / "config.json").read_text())
+        assert run_config["train"]["objective"] == objective and run_config["lora"]["rank"] == 8
+    exported = json.loads((workdir / "models" / "stable_alignment" / "config.json").read_text())
+    assert exported["model_type"] == "llama" and "lora_rank" not in exported  # merged: a plain HF model
     resim = store.read_round_records(workdir / "resim", 1)
     assert {r["model"] for r in resim} == {f"local:{workdir / 'models' / 'stable_alignment'}"}
     assert summary["resim"]["agents"] == 9 and summary["resim"]["same_questions"] == 9

@@ -18,8 +18,9 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return lm.load("SmolLM2-135M-Instruct")
+def model(smollm2):
+    _, config, params, tok = smollm2
+    return lm.LanguageModel(config, params, tok)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from sajax.data import packing, pipeline
-from sajax.formats import known_models, loading, tokenizer
+from sajax.formats import known_models, tokenizer
 from sajax.infer import generate
 from sajax.model import decoder
 from sajax.train import step as ts
@@ -17,13 +17,6 @@ from sim.local_backend import LocalBackend
 
 CHATS = ["Is it acceptable to lie to protect a friend's feelings?", "What should you do if you find a lost wallet?",
          "Give me one tip for a calm morning."]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    path = known_models.fetch("SmolLM2-135M-Instruct")
-    config, params = loading.load_pretrained(path)
-    return path, config, params, tokenizer.load_tokenizer(path)
 
 
 @pytest.fixture(scope="module")
