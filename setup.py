@@ -19,7 +19,9 @@ RUNTIME = [
     "openai==3.54.0",  # OpenAI-compatible servers (served judges)
     "fastapi==0.165.0", "uvicorn==0.54.0",  # sajax-serve: the OpenAI-compatible HTTP server
 ]
-TEST = ["pytest==9.2.0", "torch==2.13.0",  # torch: the PyTorch LLaMA reference in tests only
+TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0",  # two test workers (pytest.ini)
+        "torch==2.13.0",  # torch: the transformers reference models in tests only
+        "peft==0.21.2",  # loads sajax's LoRA adapters onto the transformers base (the PEFT format's reference)
         "accelerate==1.15.0",  # transformers' own GGUF loading (the reference for sajax's) needs it
         "pandas==3.1.1"]  # pandas: writes test files exactly as the original Stable Alignment project does
 

@@ -1,9 +1,22 @@
-"""Shared test set-up: 8 fake CPU devices (for the sharding tests), fp32 everywhere, tiny reference models."""
+"""Shared test set-up: 8 fake CPU devices (for the sharding tests), fp32 everywhere, tiny reference models, and
+one persistent XLA compilation cache for the session (this process and every CLI process the tests start)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same programs in separate processes (a run, its killed twin and their resume; a job's
+# processes and its one-process reference; the test workers): jax's persistent cache, fresh for each session (so
+# every session starts cold and nothing carries over between runs), lets the later ones load what the first
+# compiled. The process that makes it (pytest's controller) removes it at the end; the workers inherit it.
+if "SAJAX_TEST_JAX_CACHE" not in os.environ:
+    os.environ["SAJAX_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="sajax-test-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["SAJAX_TEST_JAX_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["SAJAX_TEST_JAX_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
 
 import json  # noqa: E402
 import threading  # noqa: E402

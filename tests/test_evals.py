@@ -4,12 +4,14 @@ real model's chat template (SmolLM2-135M-Instruct)."""
 import json
 import re
 
+import jax
 import numpy as np
 import pytest
 
 from sajax.evals import adversarial, judge, multiple_choice, stats, sycophancy
 from sajax.evals.multiple_choice import Question, Questions
 from sajax.infer import generate, lm
+from sajax.model import decoder
 
 
 class LengthPenalty:
@@ -131,14 +133,17 @@ def test_a_chat_model_is_scored_inside_its_template(smollm2_lm):
                                     [{"role": "assistant", "content": "Return it to the owner."}], tokenize=False)
     reply_text = "Return it to the owner."
     assert tok.decode(context + reply) == whole[:whole.rindex(reply_text) + len(reply_text)]
-    # batched and sorted scoring equals scoring each row alone (no padding): the same log-likelihoods
+    # batched and sorted scoring equals the log-probabilities of each reply's tokens read from the plain forward of
+    # the rows right-padded (a causal model's real tokens never see the padding after them): the same values
     conversations = [conversation, [("user", "Hi")], [("user", "Is it fine to lie to a friend about a gift?")]] * 2
     replies = ["Return it.", "Hello! How can I help?", "A small white lie can be kind.", "Keep it.", "Go away.", "No."]
     batched = smollm2_lm.loglikelihoods(conversations, replies)
-    for c, r, value in zip(conversations, replies, batched):
-        alone = generate.score_continuations(smollm2_lm.config, smollm2_lm.params, *map(lambda x: [x],
-                                                                                         smollm2_lm.encode(c, r)))
-        assert value == pytest.approx(float(alone[0]), abs=1e-4)
+    encoded = [smollm2_lm.encode(c, r) for c, r in zip(conversations, replies)]
+    ids, mask = generate.right_pad([context + reply for context, reply in encoded], 1)
+    logp = np.asarray(jax.nn.log_softmax(decoder.forward(smollm2_lm.config, smollm2_lm.params, ids, mask), axis=-1))
+    for row, ((context, reply), value) in enumerate(zip(encoded, batched)):
+        expected = sum(logp[row, len(context) + j - 1, token] for j, token in enumerate(reply))
+        assert value == pytest.approx(float(expected), abs=1e-4)
     assert np.all(batched < 0)
     # one-token options (letters, Yes / No, digits) read from one prefill equal scoring each option in full
     for options in (("Yes", "No"), tuple("ABC"), tuple(str(k) for k in range(1, 10))):
