@@ -18,12 +18,13 @@ import jax
 import numpy as np
 
 from sajax.config_files import load_module
-from sajax.data import batch as batch_lib
 from sajax.data import pipeline
 from sajax.formats import known_models, loading
+from sajax.model import decoder, lora
 from sajax.parallel import sharding
 from sajax.train import metrics
 from sajax.train import step as ts
+from train_throughput import synthetic_batch  # bench/ is this script's folder: its first import path
 
 tiny = load_module(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
 MiB = 2**20
@@ -33,25 +34,11 @@ def nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def batch_of(groups: int, k: int, t: int, vocab: int) -> dict:
-    """Random tokens, every row full: the first half prompt, the second half response."""
-    rng = np.random.default_rng(0)
-    batch = {name: np.zeros(s.shape, s.dtype) for name, s in batch_lib.abstract(groups, k, t).items()}
-    batch["tokens"][:] = rng.integers(3, vocab, (groups, k, t))
-    batch["loss_mask"][:, :, t // 2:] = 1
-    batch["attention_mask"][:] = 1
-    batch["scores"][:] = rng.integers(1, 8, (groups, k))
-    batch["valid"][:] = True
-    return batch
-
-
-def variant(name, base_config, base_params, cfg, mesh, rank, base_dtype):
-    """(step, state, frozen, report) of one variant."""
+def variant(base_config, base_params, cfg, mesh, rank, base_dtype):
+    """(config, jitted step, initial state, frozen weights) of one variant."""
     config = base_config.replace(lora_rank=rank) if rank else base_config
     params = base_params
     if rank:
-        from sajax.model import decoder, lora
-
         params = lora.combine(base_params, jax.device_get(decoder.init_adapters(config, 0)))
     tx = ts.make_optimizer(cfg.optimizer, 100, config)
     shardings = ts.state_shardings(config, tx, mesh)
@@ -78,7 +65,7 @@ def main():
     cfg.train.update(batch_size=args.groups, loss_chunk_size=16)
     cfg.data.update(max_len=args.seq, num_comp=args.k)
     mesh = sharding.make_mesh()
-    batch = batch_of(args.groups, args.k, args.seq, base_config.vocab_size)
+    batch = synthetic_batch(args.groups, args.k, args.seq, base_config.vocab_size)
     peak = metrics.measure_matmul_peak()
     print(f"SmolLM2-135M-Instruct ({base_config.num_params() / 1e6:.1f}M params), {args.groups} groups × K={args.k} "
           f"× T={args.seq} per step, fp32 compute, {jax.devices()[0].platform} ({len(jax.devices())} device); "
@@ -89,7 +76,7 @@ def main():
     with sharding.activation_rules(mesh):
         global_batch = pipeline.to_global(batch, mesh)
         for name, (rank, base_dtype) in variants.items():
-            config, step, state, frozen = variant(name, base_config, base_params, cfg, mesh, rank, base_dtype)
+            config, step, state, frozen = variant(base_config, base_params, cfg, mesh, rank, base_dtype)
             memory = step.lower(state, global_batch, frozen).compile().memory_analysis()
             state_bytes, frozen_bytes = nbytes(state), nbytes(frozen)
             state, out = step(state, global_batch, frozen)  # compile + warm-up
@@ -105,8 +92,8 @@ def main():
                 run["times"].append(time.perf_counter() - start)
     tokens = args.groups * args.k * args.seq
     full = runs["full fine-tuning"]
-    print(f"\n| variant | trainable params | train state (params + AdamW) | frozen weights | XLA temporaries | "
-          f"step | tokens/s | vs full | MFU |")
+    print("\n| variant | trainable params | train state (params + AdamW) | frozen weights | XLA temporaries | "
+          "step | tokens/s | vs full | MFU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, run in runs.items():
         seconds = float(np.median(run["times"]))

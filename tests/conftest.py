@@ -65,6 +65,14 @@ def make_reference(seed: int = 0, family: str = "llama", **hf_kwargs):
     return torch_model, config, layout.params_from_hf_state(config, state)
 
 
+def transformers_from_gguf(path):
+    """transformers' PyTorch model (fp32, eval) and tokenizer from a GGUF file: its own reading, dequantization and
+    q/k permutation, the reference for sajax's."""
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                    dtype=torch.float32).eval()
+    return torch_model, transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def torch_logits(torch_model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return torch_model(input_ids=torch.as_tensor(ids, dtype=torch.long),

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
+from conftest import transformers_from_gguf
 from sajax.formats import known_models, layout, loading, tokenizer
 from sajax.infer import generate
 from sajax.model import decoder
@@ -25,10 +25,8 @@ def qwen():
 
 @pytest.fixture(scope="module")
 def reference(qwen):
-    path = qwen[0]
-    torch_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                    dtype=torch.float32).eval()
-    return torch_model, transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    """transformers' PyTorch model and tokenizer from the same GGUF file (its own dequantization and permutation)."""
+    return transformers_from_gguf(qwen[0])
 
 
 def test_the_file_is_a_qwen2_with_its_switches(qwen):

@@ -4,8 +4,8 @@ machine, sha256 checked) against transformers' own GGUF loading, and driving the
 import numpy as np
 import pytest
 import torch
-import transformers
 
+from conftest import transformers_from_gguf
 from sajax.data import packing, pipeline
 from sajax.formats import known_models, tokenizer
 from sajax.infer import generate
@@ -22,10 +22,7 @@ CHATS = ["Is it acceptable to lie to protect a friend's feelings?", "What should
 @pytest.fixture(scope="module")
 def reference(smollm2):
     """transformers' PyTorch model and tokenizer from the same GGUF file (its own dequantization and permutation)."""
-    path = smollm2[0]
-    torch_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                    dtype=torch.float32).eval()
-    return torch_model, transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return transformers_from_gguf(smollm2[0])
 
 
 def test_the_gguf_tokenizer_equals_transformers(smollm2, reference):
