@@ -188,7 +188,9 @@ def sentencepiece_vocabulary(model_file) -> dict:
             "chat_template": "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"}
 
 
-def test_a_run_initialised_from_a_gguf_exports_a_hf_folder(tmp_path, small):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_a_run_initialised_from_a_gguf_exports_a_hf_folder(tmp_path, small, lora_rank):
+    """Full fine-tuning, or LoRA adapters on the GGUF's weights (merged into them on export)."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(sentence_iterator=iter(tokenizer.demo_corpus()), model_prefix=str(tmp_path / "sp"),
@@ -203,7 +205,7 @@ def test_a_run_initialised_from_a_gguf_exports_a_hf_folder(tmp_path, small):
         assert from_gguf.encode(text) == reference.encode(text)  # the same SentencePiece model, BOS added
     cfg = with_overrides(load_config(DEFAULT_CONFIG), **{"init_from": str(path), "train.steps": 1, "eval_every": 0,
                                                          "optimizer.learning_rate": 0.0, "optimizer.weight_decay": 0.0,
-                                                         "checkpoint.every": 1})
+                                                         "checkpoint.every": 1, "lora.rank": lora_rank})
     loop.run(cfg, tmp_path / "wd")
     out, _ = export.export(str(tmp_path / "wd"), str(tmp_path / "hf"))
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".json" and "token" not in p.name) == [
@@ -211,7 +213,7 @@ def test_a_run_initialised_from_a_gguf_exports_a_hf_folder(tmp_path, small):
     exported_config, params = loading.load_pretrained(out)
     assert math.isclose(exported_config.rope_theta, config.rope_theta)
     for name, weight in layout.hf_state_from_params(exported_config, params).items():
-        np.testing.assert_array_equal(weight, state[name])  # F32 file, learning rate 0: the same weights
+        np.testing.assert_array_equal(weight, state[name])  # F32 file, learning rate 0 (LoRA: B = 0): the same
     assert tokenizer.load_tokenizer(out).encode("kindly help") == reference.encode("kindly help")
 
 
