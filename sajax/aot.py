@@ -197,21 +197,33 @@ def compile_train_step(cfg: ml_collections.ConfigDict, chip: Chip, devices: list
     out = {"program": "train step", "mesh": dict(mesh.shape), "memory": memory, "hbm_bytes": chip.hbm_bytes,
            "params": config.num_params(), "tokens_per_step": tokens, "model_flops_per_chip": model_flops}
     if costs:
+        out.update(predict(cfg, config, mesh, chip, model_flops, tokens, progress))
+    return out
+
+
+def predict(cfg: ml_collections.ConfigDict, config, mesh, chip: Chip, model_flops: float, tokens: int,
+            progress=None) -> dict:
+    """XLA's FLOPs and bytes per chip and, when its cost analysis is self-consistent, the predicted step time,
+    tokens/s and MFU (`step_costs`); else `no_prediction` saying why — also when the loop-free compiles behind
+    the prediction do not fit the chip themselves (unrolled loops keep more temporaries than the step does)."""
+    try:
         cost = step_costs(cfg, config, mesh, progress)
-        seconds = cost["optimal_seconds"]
-        out.update(xla_flops_per_chip=cost["flops"], bytes_accessed_per_chip=cost["bytes accessed"])
-        unreliable = []
-        if cost["flops"] < model_flops:
-            unreliable.append(f"XLA counts fewer FLOPs than the model's own ({cost['flops']:.3e} < "
-                              f"{model_flops:.3e}): likely a loop XLA introduced itself (a windowed einsum over the "
-                              "fsdp shards), counted once")
-        if seconds <= 0:
-            unreliable.append(f"XLA's optimal_seconds is {seconds:.3g}, not a time")
-        if unreliable:
-            out["no_prediction"] = "; ".join(unreliable)
-        else:
-            out.update(predicted_seconds=seconds, predicted_mfu=model_flops / (seconds * chip.peak_flops),
-                       predicted_tokens_per_second=tokens / seconds)
+    except DoesNotFit as e:
+        return {"no_prediction": f"the loop-free compiles that predict the time do not fit the chip themselves ({e})"}
+    seconds = cost["optimal_seconds"]
+    out = {"xla_flops_per_chip": cost["flops"], "bytes_accessed_per_chip": cost["bytes accessed"]}
+    unreliable = []
+    if cost["flops"] < model_flops:
+        unreliable.append(f"XLA counts fewer FLOPs than the model's own ({cost['flops']:.3e} < "
+                          f"{model_flops:.3e}): likely a loop XLA introduced itself (a windowed einsum over the "
+                          "fsdp shards), counted once")
+    if seconds <= 0:
+        unreliable.append(f"XLA's optimal_seconds is {seconds:.3g}, not a time")
+    if unreliable:
+        out["no_prediction"] = "; ".join(unreliable)
+    else:
+        out.update(predicted_seconds=seconds, predicted_mfu=model_flops / (seconds * chip.peak_flops),
+                   predicted_tokens_per_second=tokens / seconds)
     return out
 
 

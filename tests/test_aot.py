@@ -130,3 +130,25 @@ def test_an_inconsistent_cost_analysis_predicts_nothing_and_says_why():
     aot.check_fits([result])  # fits: no error
     with pytest.raises(aot.DoesNotFit, match="train step needs 40.00 GiB per chip, 32.00 GiB available"):
         aot.check_fits([{**result, "memory": aot.Memory(2**30, 0, 0, 39 * 2**30, 0)}])
+
+
+def test_cost_compiles_that_do_not_fit_leave_the_fit_verdict_and_say_why(monkeypatch):
+    """Qwen2.5-7B with LoRA on v5e:2x4: the step fits, but its 2-layer loop-free twin (unrolled loss and micro-batch
+    loops keep more temporaries) does not — no time is predicted, the step still fits."""
+    def too_big(*args, **kwargs):
+        raise aot.DoesNotFit("the train step with 2 layer(s): XLA cannot fit it in the chip's memory: "
+                             "RESOURCE_EXHAUSTED")
+
+    monkeypatch.setattr(aot, "step_costs", too_big)
+    chip, _ = aot.parse_topology("v5e:2x4")
+    prediction = aot.predict(None, None, None, chip, model_flops=1e12, tokens=10)
+    assert prediction == {"no_prediction": "the loop-free compiles that predict the time do not fit the chip "
+                                           "themselves (the train step with 2 layer(s): XLA cannot fit it in the "
+                                           "chip's memory: RESOURCE_EXHAUSTED)"}
+    memory = aot.Memory(arguments=2**30, outputs=2**30, aliased=2**30, temporaries=2**30, code=0)
+    result = {"program": "train step", "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "memory": memory,
+              "hbm_bytes": chip.hbm_bytes, "params": 10, "tokens_per_step": 10, "model_flops_per_chip": 1e12,
+              **prediction}
+    text = aot.format_report("v5e:2x4", chip, [None] * 8, [result])
+    assert "no step time predicted: the loop-free compiles that predict the time do not fit" in text
+    aot.check_fits([result])  # the step itself fits: no error
