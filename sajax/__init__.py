@@ -9,7 +9,8 @@ Packages by layer; every import runs down this list (tests/test_layout.py checks
   formats         Hugging Face folders, GGUF files, tokenizers, known models
   model           the architecture config and the decoder
   parallel        mesh, shardings, multi-process jobs
-`fileutil` and `config_files` are leaf utilities any layer may use.
+`fileutil` and `config_files` are leaf utilities any layer may use; `compilation_cache` (jax's persistent cache,
+on for every command) uses `fileutil` only.
 """
 
 import glob

@@ -23,6 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sajax import compilation_cache
 from sajax.config_files import DEFAULT_CONFIG
 from sajax.formats import loading
 from sajax.infer import generate
@@ -174,12 +175,14 @@ _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, TypeError, ValueError, OS
 
 
 def run_app(main, define_flags) -> None:
-    """absl app.run with bad flags / `--config.key=value` overrides reported in one line, exit status 2.
+    """absl app.run with bad flags / `--config.key=value` overrides reported in one line, exit status 2, and jax's
+    persistent compilation cache on (`sajax.compilation_cache`).
     (config_flags applies overrides already when the flag is defined, hence the guard around `define_flags`.)"""
     try:
         define_flags()
     except _FLAG_ERRORS as e:
         _flag_error(e)
+    compilation_cache.enable()
     app.run(main, argv=sys.argv, flags_parser=_parse_flags)
 
 

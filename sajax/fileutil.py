@@ -11,6 +11,12 @@ import tempfile
 from pathlib import Path
 
 
+def cache_dir() -> Path:
+    """Where sajax keeps what it fetches or builds once per machine (known models, compiled programs):
+    `$SAJAX_CACHE`, else ~/.cache/sajax."""
+    return Path(os.environ.get("SAJAX_CACHE") or Path.home() / ".cache" / "sajax")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

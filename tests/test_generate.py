@@ -229,3 +229,28 @@ def test_generate_text_stops_at_every_end_of_sequence_id(gqa_reference):
     text = generate.generate_text(config.replace(eos_token_id=(2, stop)), params, Tokenizer(), ["5 6 7"],
                                   max_new_tokens=8)
     assert text == [" ".join(str(t) for t in free.tokens[0, :3])]
+
+
+def test_profile_records_every_model_call_with_its_tokens_and_compiles(gqa_reference):
+    """`sajax.infer.profile`: the calls of a generation under their label, with real and padded tokens, decode steps
+    and the compiles a new shape costs (none the second time); nothing is recorded without a recorder."""
+    from sajax.infer import profile
+
+    _, config, params = gqa_reference
+    prompts = _prompts(config.vocab_size, lengths=(5, 11, 2), seed=7)
+    with profile.Recorder() as recorder:
+        for label in ("first", "again"):
+            with recorder.labelled(label):
+                state = generate.prefill(config, params, prompts, reserve=8, length_bucket=16, share_prefixes=False)
+                state = generate.extend(config, params, state, [[3], [4, 5], []])
+                out = generate.decode(config, params, state, max_new_tokens=5, eos_token_id=[])
+    assert [(c.label, c.kind, c.rows) for c in recorder.calls] == [
+        (label, kind, 3) for label in ("first", "again") for kind in ("prefill", "extend", "decode")]
+    first, again = recorder.calls[:3], recorder.calls[3:]
+    assert [(c.tokens, c.padded_tokens, c.steps) for c in first] == [(18, 48, 1), (3, 6, 1), (15, 15, 5)]
+    assert out.lengths.tolist() == [5, 5, 5]
+    assert all(c.compiles >= 1 and 0 < c.compile_seconds < c.seconds for c in first)
+    assert all(c.compiles == 0 and c.compile_seconds == 0 and c.seconds > 0 for c in again)
+    assert profile.active() is None
+    generate.decode(config, params, generate.prefill(config, params, prompts, reserve=2), max_new_tokens=2)
+    assert len(recorder.calls) == 6  # inactive: not recorded

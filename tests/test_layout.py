@@ -8,9 +8,10 @@ import sajax
 
 ROOT = Path(sajax.__file__).parent
 # Layer of each top-level name under sajax/ (a package or a module), lowest first. A module may import its own
-# layer and those below; fileutil and config_files are leaf utilities that import no sajax module.
-LAYERS = {"fileutil": 0, "config_files": 0, "parallel": 1, "model": 2, "formats": 3, "data": 4, "train": 5,
-          "infer": 6, "evals": 7, "aot": 8, "cli": 9, "": 9}
+# layer and those below; fileutil and config_files are leaf utilities that import no sajax module (compilation_cache
+# imports fileutil only).
+LAYERS = {"fileutil": 0, "config_files": 0, "compilation_cache": 0, "parallel": 1, "model": 2, "formats": 3,
+          "data": 4, "train": 5, "infer": 6, "evals": 7, "aot": 8, "cli": 9, "": 9}
 
 
 def _module_name(path: Path) -> str:

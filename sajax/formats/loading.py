@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from sajax.formats import gguf, hf, known_models, tokenizer
 from sajax.model import decoder
 from sajax.model.config import ModelConfig
@@ -36,7 +38,9 @@ def load_pretrained(path: str | os.PathLike, param_dtype: str = "float32", **run
 def load_model_and_tokenizer(cfg, model_path: str | None):
     """(config, params, tokenizer). With `model_path`, the checkpoint there (run-time options `dtype`,
     `param_dtype`, `remat_policy`, `scan_layers` from `cfg.model`); without, random params of `cfg.model`
-    (seeded by `cfg.seed`) and `cfg.tokenizer` or the demo tokenizer. Writes nothing."""
+    (seeded by `cfg.seed`) and `cfg.tokenizer` or the demo tokenizer. The parameters come on the default device
+    (`to_device`): this is the single-device inference path (training shards its parameters itself). Writes
+    nothing."""
     model_path = known_models.resolve(model_path) if model_path else model_path
     if model_path:
         runtime = {k: cfg.model[k] for k in ("dtype", "remat_policy", "scan_layers")}
@@ -47,7 +51,16 @@ def load_model_and_tokenizer(cfg, model_path: str | None):
         params = decoder.init_params(config, cfg.seed)
         tok = tokenizer.load_tokenizer(cfg.tokenizer) if cfg.tokenizer else tokenizer.demo_tokenizer(config.vocab_size)
     check_vocabulary(tok, config)
-    return config, params, tok
+    return config, to_device(params), tok
+
+
+def to_device(params: dict) -> dict:
+    """The parameter tree (nested dicts) on the default device, moved leaf by leaf: each host array is dropped as
+    soon as its copy is made (peak: the parameters plus one tensor), and jitted calls then take them as they are
+    instead of transferring host arrays at every call. Mutates and returns `params`."""
+    for key, value in params.items():
+        params[key] = to_device(value) if isinstance(value, dict) else jax.device_put(value)
+    return params
 
 
 def check_vocabulary(tok, config: ModelConfig) -> None:

@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sajax.infer import profile
 from sajax.model.config import ModelConfig
 from sajax.model.decoder import CausalLM, init_cache, output_weights, positions_from_mask
+from sajax.train.losses import token_nll
 
 
 @dataclasses.dataclass
@@ -174,7 +176,7 @@ class Prefilled:
 
     Slot layout: every row's real tokens end at `slot` (blocks are left-padded); padding slots are masked out of
     attention and may sit between blocks (positions come from the real tokens, not the slots)."""
-    cache: object  # per layer {"k", "v"} [B,S,K,E] (scanned layers: stacked [L,B,S,K,E])
+    cache: object  # per layer {"k", "v"} [B,K,S,E] (scanned layers: stacked [L,B,K,S,E])
     key_mask: jax.Array  # [B,S] int32: 1 where a slot holds a real token
     position: jax.Array  # [B] int32: the next token's position (= real tokens so far)
     logits: jax.Array  # [B,V] float32: next-token logits
@@ -196,8 +198,9 @@ def _prefill(config: ModelConfig, reserve: int, params, ids, mask):
     return cache, key_mask, jnp.sum(mask, axis=1), logits
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _extend(config: ModelConfig, slot: int, params, cache, key_mask, position, logits, ids, mask):
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
+def _extend(config: ModelConfig, slot, params, cache, key_mask, position, logits, ids, mask):
+    """slot: a traced int32 (one program for every slot)."""
     key_mask = jax.lax.dynamic_update_slice(key_mask, mask, (0, slot))
     positions = position[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)  # [B,F]
     hidden, cache = CausalLM(config).apply({"params": params}, ids, positions, key_mask, cache, slot,
@@ -207,10 +210,11 @@ def _extend(config: ModelConfig, slot: int, params, cache, key_mask, position, l
     return cache, key_mask, position + appended, jnp.where(appended[:, None] > 0, new_logits, logits)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _decode(config: ModelConfig, slot: int, max_new_tokens: int, num_logprobs: int, params, cache, key_mask,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode(config: ModelConfig, max_new_tokens: int, num_logprobs: int, slot, params, cache, key_mask,
             position, logits, rng, temperature, top_k, top_p, eos_ids, pad_id):
-    """num_logprobs < 0: tokens only; ≥ 0: also each token's log p and the top `num_logprobs` alternatives."""
+    """num_logprobs < 0: tokens only; ≥ 0: also each token's log p and the top `num_logprobs` alternatives. slot: a
+    traced int32 (one program for every slot)."""
     model = CausalLM(config)
     batch = logits.shape[0]
     step_key = jax.vmap(jax.random.fold_in, (0, None)) if rng.ndim else jax.random.fold_in
@@ -327,7 +331,8 @@ def prefill(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *, re
 
 def _prefill_padded(config, params, prompts, reserve, length_bucket) -> Prefilled:
     ids, mask = _left_align(prompts, 0, _round_up(max(len(p) for p in prompts), length_bucket))
-    cache, key_mask, position, logits = _prefill(config, reserve, params, ids, mask)
+    with profile.call("prefill", len(prompts), int(mask.sum()), ids.size) as timed:
+        cache, key_mask, position, logits = timed.result = _prefill(config, reserve, params, ids, mask)
     return Prefilled(cache, key_mask, position, logits, ids.shape[1])
 
 
@@ -343,8 +348,9 @@ def extend(config: ModelConfig, params, state: Prefilled, tokens: Sequence[Seque
     if longest > state.free:
         raise ValueError(f"{longest} tokens do not fit in the {state.free} free cache slots")
     ids, mask = _left_align(tokens, 0, min(_round_up(longest, length_bucket), state.free))
-    cache, key_mask, position, logits = _extend(config, state.slot, params, state.cache, state.key_mask,
-                                                state.position, state.logits, ids, mask)
+    with profile.call("extend", len(tokens), int(mask.sum()), ids.size) as timed:
+        cache, key_mask, position, logits = timed.result = _extend(
+            config, np.int32(state.slot), params, state.cache, state.key_mask, state.position, state.logits, ids, mask)
     return Prefilled(cache, key_mask, position, logits, state.slot + ids.shape[1])
 
 
@@ -366,11 +372,15 @@ def decode(config: ModelConfig, params, state: Prefilled, *, max_new_tokens: int
         (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
     pad = pad_token_id if pad_token_id is not None else (config.pad_token_id or 0)
     rng = jax.random.key(seed) if np.ndim(seed) == 0 else jax.vmap(jax.random.key)(np.asarray(seed, np.uint32))
-    tokens, lengths, extras = _decode(config, state.slot, max_new_tokens, -1 if top_logprobs is None else top_logprobs,
-                                      params, state.cache, state.key_mask, state.position, state.logits, rng,
-                                      np.asarray(temperature, np.float32), np.int32(top_k),
-                                      np.asarray(top_p, np.float32), np.asarray(eos or (-1,), np.int32),
-                                      np.int32(pad))
+    rows = state.logits.shape[0]
+    with profile.call("decode", rows) as timed:
+        tokens, lengths, extras = timed.result = _decode(
+            config, max_new_tokens, -1 if top_logprobs is None else top_logprobs, np.int32(state.slot), params,
+            state.cache, state.key_mask, state.position, state.logits, rng, np.asarray(temperature, np.float32),
+            np.int32(top_k), np.asarray(top_p, np.float32), np.asarray(eos or (-1,), np.int32), np.int32(pad))
+        lengths = np.asarray(lengths)
+        timed.tokens, timed.steps = int(lengths.sum()), int(lengths.max())
+        timed.padded_tokens = rows * timed.steps
     logprobs, top_ids, top_logp = (np.asarray(e) for e in extras) if extras else (None, None, None)
     if top_ids is not None and top_logprobs == 0:
         top_ids, top_logp = top_ids[..., :0], top_logp[..., :0]
@@ -392,7 +402,7 @@ def compile_generation(config: ModelConfig, params, *, batch: int, prompt_len: i
     rng = jax.eval_shape(jax.random.key, 0)
     rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=input_sharding)
     eos = jax.ShapeDtypeStruct((max(len(config.eos_token_ids), 1),), jnp.int32, sharding=input_sharding)
-    decode = _decode.lower(config, prompt_len, new_tokens, -1, params, *state, rng, scalar(jnp.float32),
+    decode = _decode.lower(config, new_tokens, -1, scalar(jnp.int32), params, *state, rng, scalar(jnp.float32),
                            scalar(jnp.int32), scalar(jnp.float32), eos, scalar(jnp.int32)).compile()
     return prefill, decode
 
@@ -416,18 +426,22 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *, m
                   top_p=top_p, seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
+SCORE_BLOCK = 512  # positions projected onto the vocabulary at a time: [512, V] float32 logits, never [B, T, V]
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _continuation_logprobs(config: ModelConfig, params, ids, mask, continuation_mask):
-    logits, _ = CausalLM(config).apply({"params": params}, ids, positions_from_mask(mask), mask)
-    logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # predicts ids[:, 1:]
-    token_logprobs = jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
+    hidden, _ = CausalLM(config).apply({"params": params}, ids, positions_from_mask(mask), mask, return_hidden=True)
+    token_logprobs = -token_nll(hidden, output_weights(config, params), ids, SCORE_BLOCK)  # [B,T-1]: of ids[:, 1:]
     return jnp.sum(token_logprobs * continuation_mask[:, 1:], axis=-1)
 
 
 def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[int]],
                         continuations: Sequence[Sequence[int]], length_bucket: int = 32) -> np.ndarray:
     """log p(continuations[i] | prompts[i]) = Σ_j log softmax(logits at the token before j)[token j], summed over
-    the continuation's tokens; float32 [N], one forward pass over right-padded prompt+continuation rows."""
+    the continuation's tokens; float32 [N], one forward pass over right-padded prompt+continuation rows, projected
+    onto the vocabulary `SCORE_BLOCK` positions at a time (a 152k-token vocabulary would otherwise need
+    B·T·V·4 bytes at once)."""
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
@@ -437,7 +451,9 @@ def score_continuations(config: ModelConfig, params, prompts: Sequence[Sequence[
     continuation_mask = np.zeros(ids.shape, np.float32)
     for i, (prompt, continuation) in enumerate(zip(prompts, continuations)):
         continuation_mask[i, len(prompt):len(prompt) + len(continuation)] = 1
-    return np.asarray(_continuation_logprobs(config, params, ids, mask, continuation_mask))
+    with profile.call("score", len(prompts), int(mask.sum()), ids.size) as timed:
+        timed.result = scores = _continuation_logprobs(config, params, ids, mask, continuation_mask)
+    return np.asarray(scores)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -456,7 +472,9 @@ def mean_hidden_states(config: ModelConfig, params, sequences: Sequence[Sequence
     _check_nonempty(sequences)
     _check_tokens(config, sequences, "input")
     ids, mask = right_pad(sequences, length_bucket)
-    return np.asarray(_mean_hidden(config, params, ids, mask))
+    with profile.call("embed", len(sequences), int(mask.sum()), ids.size) as timed:
+        timed.result = vectors = _mean_hidden(config, params, ids, mask)
+    return np.asarray(vectors)
 
 
 def generate_text(config: ModelConfig, params, tokenizer, prompts: Sequence[str], chat: bool = False,

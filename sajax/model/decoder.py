@@ -32,7 +32,7 @@ from sajax.model.config import Llama3RopeScaling, ModelConfig
 from sajax.parallel import sharding
 
 Array = jax.Array
-KVCache = object  # unrolled layers: [{"k": [B,S,K,E], "v": …}] per layer; scanned: {"k": [L,B,S,K,E], "v": …}
+KVCache = object  # unrolled layers: [{"k": [B,K,S,E], "v": …}] per layer; scanned: {"k": [L,B,K,S,E], "v": …}
 
 
 def _dtype(name: str):
@@ -163,17 +163,14 @@ class Attention(nn.Module):
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
         new_cache = None
-        if layer_cache is not None:  # write this step's keys/values at [cache_index, cache_index + T)
-            start = (0, cache_index, 0, 0)
-            key = jax.lax.dynamic_update_slice(layer_cache["k"], key.astype(layer_cache["k"].dtype), start)
-            value = jax.lax.dynamic_update_slice(layer_cache["v"], value.astype(layer_cache["v"].dtype), start)
-            new_cache = {"k": key, "v": value}
-            key, value = key.astype(dtype), value.astype(dtype)
-
         if layer_cache is None:  # training / scoring: keys are this call's tokens and the mask is causal
             out = causal_attention(q, key, value, mask)
-        else:
-            out = grouped_attention(q, key, value, mask)  # [B,T,H,E]
+        else:  # write this step's keys/values at slots [cache_index, cache_index + T) of the [B,K,S,E] cache
+            start = (0, 0, cache_index, 0)
+            key, value = (jax.lax.dynamic_update_slice(layer_cache[n], new.transpose(0, 2, 1, 3).astype(
+                layer_cache[n].dtype), start) for n, new in (("k", key), ("v", value)))
+            new_cache = {"k": key, "v": value}
+            out = grouped_attention(q, key.astype(dtype), value.astype(dtype), mask)  # [B,T,H,E]
         out = _projection(self, "o_proj", out, (h, e), (d,), ("heads", "head_dim"), ("embed",))
         if c.o_bias:
             out = out + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros, c).astype(dtype)
@@ -191,13 +188,13 @@ def dense(x: Array, w: Array, contract: int = 1) -> Array:
 
 def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
     """softmax(q·kᵀ/√E masked)·v with K key/value heads shared by G = H/K query heads each, as HF's repeat_kv:
-    query head n uses kv head n // G. q [B,T,H,E], k/v [B,S,K,E], mask [B,T,S] → [B,T,H,E]. Scores and softmax
-    in float32; the G query heads of a kv head are folded into the query axis (one batched matmul per kv head)."""
+    query head n uses kv head n // G. q [B,T,H,E], k/v [B,K,S,E] (the KV cache's layout: no copy of the cache per
+    step), mask [B,T,S] → [B,T,H,E]. Scores and softmax in float32; the G query heads of a kv head are folded into
+    the query axis (one batched matmul per kv head)."""
     b, t, h, e = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     g = h // kv
     q = q.reshape(b, t, kv, g, e).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, e)  # [B,K,G·T,E]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,S,E]
     scores = jnp.einsum("bkqe,bkse->bkqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(e)
     scores = scores.reshape(b, kv, g, t, -1)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
@@ -532,9 +529,9 @@ def param_shapes(config: ModelConfig):
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int) -> KVCache:
-    """Zeroed KV cache in the compute dtype: per layer {"k", "v"} [B, S, K, E] (scanned layers: one stacked
-    {"k", "v"} [L, B, S, K, E], scanned over with the layers)."""
-    shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+    """Zeroed KV cache in the compute dtype: per layer {"k", "v"} [B, K, S, E] (scanned layers: one stacked
+    {"k", "v"} [L, B, K, S, E], scanned over with the layers)."""
+    shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
     dtype = _dtype(config.dtype)
     if config.scan_layers:
         stacked = (config.num_hidden_layers, *shape)
