@@ -87,6 +87,10 @@ def test_cached_greedy_decoding_equals_transformers_across_the_window(reference)
     family, torch_model, config, params = reference
     prompts = [[1, 17, 40, 33, 9, 81, 5, 12, 60, 71, 3], [1, 50, 22, 8]]  # left-padded: the rows' slots differ
     ours = generate.generate(config, params, prompts, max_new_tokens=10, temperature=0.0, length_bucket=8)
+    stacked = decoder.stack_layers(params, config.num_hidden_layers)
+    scanned = generate.generate(config.replace(scan_layers=True), stacked, prompts, max_new_tokens=10,
+                                temperature=0.0, length_bucket=8)
+    np.testing.assert_array_equal(scanned.tokens, ours.tokens)  # the stacked cache: written once per step
     for prompt, tokens, length in zip(prompts, ours.tokens, ours.lengths):
         expected = torch_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
                                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

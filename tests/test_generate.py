@@ -106,6 +106,12 @@ def test_prefix_sharing_and_extend_change_no_logit_or_token(gqa_reference):
     stacked = decoder.stack_layers(params, config.num_hidden_layers)
     shared_scanned = generate.prefill(scanned, stacked, prompts, reserve=8)
     assert np.abs(np.asarray(shared_scanned.logits) - np.asarray(alone.logits)).max() <= 1e-5
+    # scanned layers read the stacked cache and write each step's keys/values into it once, after the layers
+    scanned_extend = generate.extend(scanned, stacked, generate.prefill(
+        scanned, stacked, [p[:k] for p, k in zip(prompts, split)], reserve=16), [p[k:] for p, k in zip(prompts, split)])
+    assert np.abs(np.asarray(scanned_extend.logits) - np.asarray(alone.logits)).max() <= 1e-5
+    scanned_tokens = generate.decode(scanned, stacked, scanned_extend, max_new_tokens=6, eos_token_id=[]).tokens
+    np.testing.assert_array_equal(scanned_tokens, ours.tokens)
 
 
 def test_sampling_is_deterministic_and_respects_limits(gqa_reference):

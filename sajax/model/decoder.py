@@ -144,7 +144,11 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, layer_cache, cache_index):
+    def __call__(self, x: Array, positions: Array, mask: Array, layer_cache, cache_index, layer=None):
+        """layer_cache: this layer's {"k", "v"} [B,K,S,E], updated and returned; or, with `layer` (scanned layers:
+        the index into the stacked [L,B,K,S,E] cache), the whole stacked cache, read only (None: a fresh one), and
+        this call's keys/values [B,K,T,E] returned for `CausalLM` to write once after the scan (slicing and
+        re-stacking the cache in every layer copied it four times per decoding step)."""
         c = self.config
         d, h, k, e = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         dtype = _dtype(c.dtype)
@@ -163,7 +167,18 @@ class Attention(nn.Module):
         q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
         new_cache = None
-        if layer_cache is None:  # training / scoring: keys are this call's tokens and the mask is causal
+        if layer is not None:
+            t = x.shape[1]
+            new_cache = {"k": key.transpose(0, 2, 1, 3), "v": value.transpose(0, 2, 1, 3)}  # [B,K,T,E]
+            if layer_cache is None:  # a fresh cache (prefill): nothing before this call's tokens
+                out = causal_attention(q, key, value, mask[:, :, :t])
+            else:  # the cache's slots before cache_index, and this call's tokens at [cache_index, cache_index + T)
+                old = [jax.lax.dynamic_index_in_dim(layer_cache[n], layer, 0, keepdims=False).astype(dtype)
+                       for n in ("k", "v")]
+                before = jnp.arange(mask.shape[2])[None, None, :] < cache_index  # [1,1,S]
+                out = grouped_attention(q, old[0], old[1], mask & before, (
+                    new_cache["k"], new_cache["v"], jax.lax.dynamic_slice_in_dim(mask, cache_index, t, axis=2)))
+        elif layer_cache is None:  # training / scoring: keys are this call's tokens and the mask is causal
             out = causal_attention(q, key, value, mask)
         else:  # write this step's keys/values at slots [cache_index, cache_index + T) of the [B,K,S,E] cache
             start = (0, 0, cache_index, 0)
@@ -186,21 +201,27 @@ def dense(x: Array, w: Array, contract: int = 1) -> Array:
     return y.reshape(*lead, *out)
 
 
-def grouped_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+def grouped_attention(q: Array, k: Array, v: Array, mask: Array, more=None) -> Array:
     """softmax(q·kᵀ/√E masked)·v with K key/value heads shared by G = H/K query heads each, as HF's repeat_kv:
     query head n uses kv head n // G. q [B,T,H,E], k/v [B,K,S,E] (the KV cache's layout: no copy of the cache per
-    step), mask [B,T,S] → [B,T,H,E]. Scores and softmax in float32; the G query heads of a kv head are folded into
-    the query axis (one batched matmul per kv head)."""
+    step), mask [B,T,S] → [B,T,H,E]. `more`: a second block of keys (k2, v2 [B,K,S2,E], mask2 [B,T,S2]) attended
+    to with the first under one softmax, as if concatenated after it. Scores and softmax in float32; the G query
+    heads of a kv head are folded into the query axis (one batched matmul per kv head)."""
     b, t, h, e = q.shape
     kv = k.shape[1]
     g = h // kv
     q = q.reshape(b, t, kv, g, e).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, e)  # [B,K,G·T,E]
-    scores = jnp.einsum("bkqe,bkse->bkqs", q, k, preferred_element_type=jnp.float32) / math.sqrt(e)
-    scores = scores.reshape(b, kv, g, t, -1)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
-    out = jnp.einsum("bkqs,bkse->bkqe", probs, v).reshape(b, kv, g, t, e)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
+    blocks = [(k, v, mask)] + ([more] if more is not None else [])
+    scores = [jnp.where(m[:, None, None], jnp.einsum("bkqe,bkse->bkqs", q, kb, preferred_element_type=jnp.float32)
+                        .reshape(b, kv, g, t, -1) / math.sqrt(e), jnp.finfo(jnp.float32).min)
+              for kb, _, m in blocks]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
+    out, start = 0, 0
+    for (_, vb, _), block in zip(blocks, scores):
+        size = block.shape[-1]
+        out = out + jnp.einsum("bkqs,bkse->bkqe", probs[..., start:start + size], vb)
+        start += size
+    return out.reshape(b, kv, g, t, e).transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
 def causal_block_size(length: int) -> int:
@@ -310,11 +331,12 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: Array, layer_cache, sliding, positions: Array, mask: Array, window_mask, cache_index):
+    def __call__(self, x: Array, layer_cache, sliding, positions: Array, mask: Array, window_mask, cache_index,
+                 layer=None):
         if window_mask is not None and sliding is not False:
             mask = window_mask if sliding is True else jnp.where(sliding, window_mask, mask)
         attn_out, new_cache = Attention(self.config, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(x), positions, mask, layer_cache, cache_index)
+            RMSNorm(self.config, name="input_layernorm")(x), positions, mask, layer_cache, cache_index, layer)
         x = x + attn_out
         x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
         x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
@@ -361,15 +383,25 @@ class CausalLM(nn.Module):
             key_positions = positions
         if c.sliding_window is not None:
             window_mask = mask & within_window(positions, key_positions, c.sliding_window)
+        fresh = isinstance(cache_index, int) and cache_index == 0  # prefill: the cache holds nothing yet
         cache_index = jnp.asarray(cache_index, jnp.int32)
 
         layer_cls = _layer_class(c)
         if c.scan_layers:
-            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                              in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                              length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
             sliding = jnp.asarray([c.is_sliding(i) for i in range(c.num_hidden_layers)])  # [L]
-            x, new_cache = scanned(c, name="layers")(x, cache, sliding, positions, mask, window_mask, cache_index)
+            # with a cache: the stacked cache is read by every layer (broadcast), each layer's new keys/values come
+            # out of the scan [L,B,K,T,E] and are written into it once, in place
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=(0 if cache is None else nn.broadcast, 0, nn.broadcast, nn.broadcast,
+                                       nn.broadcast, nn.broadcast) + (() if cache is None else (0,)),
+                              length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            if cache is None:
+                x, new_cache = scanned(c, name="layers")(x, None, sliding, positions, mask, window_mask, cache_index)
+            else:
+                x, new = scanned(c, name="layers")(x, None if fresh else cache, sliding, positions, mask, window_mask,
+                                                   cache_index, jnp.arange(c.num_hidden_layers))
+                new_cache = {n: jax.lax.dynamic_update_slice(cache[n], new[n].astype(cache[n].dtype),
+                                                             (0, 0, 0, cache_index, 0)) for n in ("k", "v")}
         else:
             new_cache = []  # one buffer per layer, updated in place (re-stacking would copy the cache every step)
             for i in range(c.num_hidden_layers):
