@@ -189,6 +189,8 @@ def profile_real_model(args):
     cfg.world.grid_size = args.grid
     cfg.backend.model_dir = args.model
     cfg.observer_backend.model_dir = args.observer_model or args.model
+    if args.batch_size:
+        cfg.backend.batch_size = cfg.observer_backend.batch_size = args.batch_size
     peaks = machine_peaks()
     print(f"this machine: fp32 matmul {peaks[0] / 1e9:.1f} GFLOP/s, memory read {peaks[1] / 1e9:.1f} GB/s "
           f"({jax.device_count()} CPU device, {len(jax.devices()[0].client.devices())} visible)")
@@ -277,7 +279,8 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8, help="backend.batch_size of the batched engine")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="backend.batch_size of the batched engine (default 8; with --model, the config's)")
     parser.add_argument("--latency", type=float, default=0.02, help="api: seconds per request")
     parser.add_argument("--concurrency", type=int, default=16, help="api: backend.concurrency")
     parser.add_argument("--repeats", type=int, default=3, help="measured rounds per variant (median reported)")
@@ -288,6 +291,7 @@ def main():
         return profile_real_model(args)
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "sim_tiny.py")
     cfg.world.grid_size = args.grid
+    args.batch_size = args.batch_size or 8
     server = slow_server(args.latency) if args.backend == "api" else None
     with tempfile.TemporaryDirectory() as workdir:
         backend, observer = local_backends(args, workdir) if server is None else api_backends(args, server)

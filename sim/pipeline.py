@@ -13,7 +13,8 @@
               models/stable_alignment/  the trained model as a HF folder (the re-simulation's agents)
               evals/<model>/<eval>.json one result per model ("initial" or an objective) and evaluation
               resim/                    the re-simulation (a sajax-sim workdir)
-              stages/<stage>.json       written when a stage is complete: what it produced, how long it took
+              stages/<stage>.json       written when a stage is complete: what it produced, how long it took, the
+                                        process's resident memory then and its peak so far
               report.md, society.png, training.png
 
 Every stage resumes after a crash: the simulations from their last committed round, training from its newest
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import resource
 import sys
 import time
 import zlib
@@ -48,6 +51,14 @@ DEFAULT_CONFIG = config_files.bundled_config("pipeline_tiny.py")
 POLICY = "stable_alignment"  # the objective whose model becomes the re-simulated society's agents
 # May change when a run is continued: each objective's stages stand alone (the report shows those configured).
 RESUMABLE = ("objectives", "eval.batch_size")
+
+
+def memory_gb() -> dict:
+    """This process's resident memory now and its peak so far (Linux: /proc/self/statm, getrusage), in GB."""
+    with open("/proc/self/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    return {"rss_gb": round(resident_pages * os.sysconf("SC_PAGE_SIZE") / 1e9, 2),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)}
 
 
 class ObserverJudge:
@@ -148,10 +159,11 @@ class Pipeline:
             return record
         self.log(f"[pipeline] {stage} …")
         start = time.perf_counter()
-        record = {"stage": stage, **work(), "seconds": time.perf_counter() - start}
+        record = {"stage": stage, **work(), "seconds": time.perf_counter() - start, **memory_gb()}
         (self.workdir / "stages").mkdir(exist_ok=True)
         fileutil.write_text(self.workdir / "stages" / f"{stage}.json", json.dumps(record, indent=1) + "\n")
-        self.log(f"[pipeline] {stage}: {record['seconds']:.0f} s")
+        self.log(f"[pipeline] {stage}: {record['seconds']:.0f} s, resident {record['rss_gb']:.2f} GB "
+                 f"(peak so far {record['peak_rss_gb']:.2f} GB)")
         return record
 
     # -- the stages ----------------------------------------------------------------------------------------------

@@ -92,6 +92,7 @@ def test_every_stage_and_the_report(finished):
     for objective in cfg.objectives:
         record = json.loads((workdir / "stages" / f"train_{objective}.json").read_text())
         assert 0.0 <= record["eval"]["ranking_accuracy"] <= 1.0
+        assert 0.05 < record["rss_gb"] <= record["peak_rss_gb"] < 24  # this process's memory, in GB (not KB or B)
         run_config = json.loads((workdir / "train" / objective / "config.json").read_text())
         assert run_config["train"]["objective"] == objective and run_config["lora"]["rank"] == 8
     exported = json.loads((workdir / "models" / "stable_alignment" / "config.json").read_text())
