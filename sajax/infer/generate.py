@@ -176,7 +176,7 @@ class Prefilled:
 
     Slot layout: every row's real tokens end at `slot` (blocks are left-padded); padding slots are masked out of
     attention and may sit between blocks (positions come from the real tokens, not the slots)."""
-    cache: object  # per layer {"k", "v"} [B,K,S,E] (scanned layers: stacked [L,B,K,S,E])
+    cache: object  # per layer {"k" [B,K,E,S], "v" [B,K,S,E]} (scanned: stacked [L,…])
     key_mask: jax.Array  # [B,S] int32: 1 where a slot holds a real token
     position: jax.Array  # [B] int32: the next token's position (= real tokens so far)
     logits: jax.Array  # [B,V] float32: next-token logits
