@@ -14,7 +14,7 @@
               evals/<model>/<eval>.json one result per model ("initial" or an objective) and evaluation
               resim/                    the re-simulation (a sajax-sim workdir)
               stages/<stage>.json       written when a stage is complete: what it produced, how long it took, the
-                                        process's resident memory then and its peak so far
+                                        process's peak resident memory so far (and its memory then, on Linux)
               report.md, society.png, training.png
 
 Every stage resumes after a crash: the simulations from their last committed round, training from its newest
@@ -54,11 +54,16 @@ RESUMABLE = ("objectives", "eval.batch_size")
 
 
 def memory_gb() -> dict:
-    """This process's resident memory now and its peak so far (Linux: /proc/self/statm, getrusage), in GB."""
-    with open("/proc/self/statm") as f:
-        resident_pages = int(f.read().split()[1])
-    return {"rss_gb": round(resident_pages * os.sysconf("SC_PAGE_SIZE") / 1e9, 2),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)}
+    """This process's peak resident memory so far (getrusage: kilobytes on Linux, bytes on macOS) and, where
+    /proc/self/statm exists (Linux), its resident memory now; in GB. Linux updates the recorded peak lazily, so it
+    may lag the memory now: the peak reported is the larger of the two."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return {"peak_rss_gb": round(peak / 1e9, 2)}
+    return {"rss_gb": round(now / 1e9, 2), "peak_rss_gb": round(max(peak, now) / 1e9, 2)}
 
 
 class ObserverJudge:
@@ -162,8 +167,8 @@ class Pipeline:
         record = {"stage": stage, **work(), "seconds": time.perf_counter() - start, **memory_gb()}
         (self.workdir / "stages").mkdir(exist_ok=True)
         fileutil.write_text(self.workdir / "stages" / f"{stage}.json", json.dumps(record, indent=1) + "\n")
-        self.log(f"[pipeline] {stage}: {record['seconds']:.0f} s, resident {record['rss_gb']:.2f} GB "
-                 f"(peak so far {record['peak_rss_gb']:.2f} GB)")
+        now = f"resident {record['rss_gb']:.2f} GB, " if "rss_gb" in record else ""
+        self.log(f"[pipeline] {stage}: {record['seconds']:.0f} s, {now}peak so far {record['peak_rss_gb']:.2f} GB")
         return record
 
     # -- the stages ----------------------------------------------------------------------------------------------
