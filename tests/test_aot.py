@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="libtpu has wheels for Linux only")  # CI (Linux) fails on any skip
 
+from conftest import cli_env
 from sajax import aot
 from sajax.config_files import DEFAULT_CONFIG, load_config  # noqa: E402
 from sajax.model.config import ModelConfig  # noqa: E402
@@ -17,7 +18,7 @@ from sajax.train import metrics  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 # as a user runs it: no JAX_PLATFORMS, so jax also tries libtpu as a backend (and must not warn about it)
-ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+ENV = cli_env(without=("JAX_PLATFORMS",))
 
 
 def _compile(tmp_path, *flags):

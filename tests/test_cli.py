@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+from conftest import cli_env
 from sajax.formats import hf, tokenizer
 from sajax.model import decoder
 
@@ -11,8 +12,7 @@ BIN = os.path.dirname(sys.executable)
 
 
 def _run(*args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run([os.path.join(BIN, "sajax-generate"), *args], capture_output=True, text=True, env=env,
+    return subprocess.run([os.path.join(BIN, "sajax-generate"), *args], capture_output=True, text=True, env=cli_env(),
                           timeout=300)
 
 

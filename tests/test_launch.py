@@ -9,13 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import with_overrides
+from conftest import cli_env, with_overrides
 from sajax.config_files import load_config
 from sim import run
 
 ROOT = Path(__file__).resolve().parent.parent
 TPU, SLURM = ROOT / "launch" / "tpu_pod.sh", ROOT / "launch" / "gpu_slurm.sbatch"
-ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SAJAX_DISTRIBUTED")}
+ENV = cli_env(without=("SAJAX_DISTRIBUTED",))
 
 
 def _bash(script, *args, env=None, cwd=None):

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import with_overrides
+from conftest import cli_env, with_overrides
 from sajax.config_files import load_config
 from sajax.data import alignment
 from sim import dataset, run, store
 
 BIN = os.path.dirname(sys.executable)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-BASE_ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SAJAX_DISTRIBUTED")}
+BASE_ENV = cli_env(without=("SAJAX_DISTRIBUTED",))
 TIMING = ("tokens_per_second", "mfu")  # wall-clock fields: the only ones allowed to differ
 
 
@@ -65,7 +65,7 @@ class Job:
 
 
 def _single(command: str, *args, devices: int) -> subprocess.CompletedProcess:
-    env = {**BASE_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = cli_env(devices, without=("SAJAX_DISTRIBUTED",))
     return subprocess.run([os.path.join(BIN, command), *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -157,7 +157,7 @@ def test_two_processes_of_two_devices_train_like_one_process_on_four_devices(soc
     reference = _single("sajax-train", f"--workdir={tmp_path / 'one'}", *flags, devices=4)
     assert reference.returncode == 0, reference.stderr
     job = Job(tmp_path / "logs", "four", 2, "sajax-train", f"--workdir={tmp_path / 'four'}", *flags,
-              env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+              env={"XLA_FLAGS": cli_env(2)["XLA_FLAGS"]})
     assert job.wait() == [0, 0], "\n".join(job.log(i) for i in range(2))
     # Not bit-identical: the loss and metric sums (over each device's rows) are all-reduced by gloo across
     # processes and by XLA within one, adding the 4 partial sums in other orders. A 4-term fp32 sum of positive

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from conftest import cli_env
 from sajax.config_files import bundled_config, load_config
 from sajax.train import loop as train_lib
 from sim import pipeline, run, store
@@ -133,10 +134,9 @@ def test_a_changed_config_is_refused_and_objectives_may_be_added_or_left_out(fin
 
 
 def test_cli_refuses_a_bad_config_before_writing(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "sajax-pipeline"), "--workdir",
                              str(tmp_path / "run"), "--config.objectives=('sft',)"], capture_output=True, text=True,
-                            env=env, timeout=300)
+                            env=cli_env(), timeout=300)
     assert result.returncode == 1
     assert "error: objectives must include 'stable_alignment'" in result.stderr
     assert not (tmp_path / "run").exists()

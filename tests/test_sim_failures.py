@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JsonServer, with_overrides
+from conftest import JsonServer, cli_env, with_overrides
 from sajax.config_files import load_config
 from sajax.data import alignment
 from sim import dataset, engine, openai_backend, run, store
@@ -18,7 +18,7 @@ from sim.openai_backend import BackendError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BIN = os.path.dirname(sys.executable)
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ENV = cli_env()
 
 
 def sim_config(**overrides):

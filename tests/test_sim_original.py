@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import with_overrides
+from conftest import cli_env, with_overrides
 from sajax.config_files import load_config
 from sajax.data import alignment
 from sajax.train import loop
@@ -21,7 +21,7 @@ from sim import dataset, original, run, store
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BIN = os.path.dirname(sys.executable)
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ENV = cli_env()
 QUESTIONS = ["Should I return a lost wallet?", "Is it fine to lie to a friend?", "May I read my partner's messages?"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import JsonServer, with_overrides
+from conftest import JsonServer, cli_env, with_overrides
 from sajax.config_files import load_config
 from sajax.data import alignment
 from sajax.train import loop
@@ -22,7 +22,7 @@ from sim.backends import Rating
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 BIN = os.path.dirname(sys.executable)
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ENV = cli_env()
 
 
 def sim_config(**overrides):

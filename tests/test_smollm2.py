@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import transformers_from_gguf
+from conftest import cli_env, transformers_from_gguf
 from sajax.data import packing, pipeline
 from sajax.formats import known_models, tokenizer
 from sajax.infer import generate
@@ -115,11 +115,10 @@ def test_generate_cli_chats_with_a_known_model(smollm2):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "sajax-generate"),
                              "--model=SmolLM2-135M-Instruct", "--chat", f"--prompt={CHATS[1]}",
                              "--config.generate.temperature=0", "--config.generate.max_new_tokens=16"],
-                            capture_output=True, text=True, env=env, timeout=600)
+                            capture_output=True, text=True, env=cli_env(), timeout=600)
     assert result.returncode == 0, result.stderr
     output = result.stdout.split("### Output: ", 1)[1].strip()
     assert len(output.split()) >= 5 and "<|im" not in output

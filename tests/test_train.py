@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import right_padded_batch, torch_logits, with_overrides
+from conftest import cli_env, right_padded_batch, torch_logits, with_overrides
 from sajax.config_files import load_module
 from sajax.data import alignment, demo, pipeline
 from sajax.data import batch as batch_lib
@@ -34,7 +34,7 @@ from sajax.train.losses import OBJECTIVES
 BIN = os.path.dirname(sys.executable)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 tiny = load_module(CONFIGS / "tiny.py")
-ENV_ONE_DEVICE = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ENV_ONE_DEVICE = cli_env()
 
 
 def tiny_config(**overrides):
@@ -88,8 +88,7 @@ def test_export_writes_a_transformers_checkpoint(trained, tmp_path):
     assert multiple_choice.evaluate(from_workdir, questions) == multiple_choice.evaluate(from_export, questions)
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "sajax-eval"), f"--model={workdir}",
                              "--eval=multiple_choice", "--eval=are_you_sure", "--limit=4", f"--out={tmp_path / 'ev'}"],
-                            capture_output=True, text=True, env={k: v for k, v in os.environ.items()
-                                                                 if k != "XLA_FLAGS"}, timeout=600)
+                            capture_output=True, text=True, env=ENV_ONE_DEVICE, timeout=600)
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["eval"] for line in lines] == ["multiple_choice", "are_you_sure"] and lines[0]["n"] == 4

@@ -8,7 +8,7 @@ a GGUF file works wherever a HF folder does (`init_from`, `sajax-generate --mode
   (tied output, q/k/v biases) and the tokenizer's special ids. A `rope_freqs` tensor (llama.cpp's form of
   LLaMA-3.1 RoPE scaling) is matched against the llama3 settings sajax implements; any other scaling is refused
   by name.
-- Tensors: read through the `gguf` package's memory map and dequantized one at a time (every type it
+- Tensors: read through the `gguf` package's memory map (`reader_class`) and dequantized one at a time (every type it
   dequantizes: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K…Q6_K, …), so host memory holds the converted
   parameters plus one tensor. llama.cpp's converter stores HF's [out, in] matrices but permutes the rows of
   q_proj and k_proj of `llama` files for its interleaved RoPE — per head, row (pair i, half h) ← HF row (half h,
@@ -54,14 +54,33 @@ def is_gguf(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == ".gguf"
 
 
-def _reader(path: str | os.PathLike):
+def reader_class():
+    """The `gguf` package's GGUFReader, parsing over a plain ndarray view of its memory map.
+
+    The reader slices its `np.memmap` once per metadata value (a Qwen2 vocabulary: ~450k strings, each sliced
+    and viewed twice), and every slice of a memmap subclass runs numpy's `memmap.__array_finalize__` in Python.
+    Over a plain ndarray view of the same mapping the same parse gives the same fields and tensors (the view
+    keeps the mapping open) 3.5× faster: 2.7 vs 9.4 s for Qwen2.5-Coder-0.5B-Instruct's file."""
     import gguf
 
+    class Reader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self.mapped
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:  # GGUFReader.__init__ assigns its np.memmap here
+            self.mapped = value.view(np.ndarray)
+
+    return Reader
+
+
+def _reader(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: GGUF file not found")
     try:
-        return gguf.GGUFReader(str(path))
+        return reader_class()(str(path))
     except Exception as e:  # struct/ValueError/IndexError for a truncated or foreign file
         raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
 
