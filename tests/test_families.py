@@ -91,6 +91,10 @@ def test_cached_greedy_decoding_equals_transformers_across_the_window(reference)
     scanned = generate.generate(config.replace(scan_layers=True), stacked, prompts, max_new_tokens=10,
                                 temperature=0.0, length_bucket=8)
     np.testing.assert_array_equal(scanned.tokens, ours.tokens)  # the stacked cache: written once per step
+    rows = generate.UNROLLED_DECODE_MIN_BATCH // len(prompts)  # a batch the scanned model decodes unrolled
+    unrolled = generate.generate(config.replace(scan_layers=True), stacked, prompts * rows, max_new_tokens=10,
+                                 temperature=0.0, length_bucket=8)
+    np.testing.assert_array_equal(unrolled.tokens, np.tile(ours.tokens, (rows, 1)))  # each layer's window kept
     for prompt, tokens, length in zip(prompts, ours.tokens, ours.lengths):
         expected = torch_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
                                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long),

@@ -110,6 +110,7 @@ def test_prefix_sharing_and_extend_change_no_logit_or_token(gqa_reference):
     scanned_extend = generate.extend(scanned, stacked, generate.prefill(
         scanned, stacked, [p[:k] for p, k in zip(prompts, split)], reserve=16), [p[k:] for p, k in zip(prompts, split)])
     assert np.abs(np.asarray(scanned_extend.logits) - np.asarray(alone.logits)).max() <= 1e-5
+    assert len(prompts) >= generate.UNROLLED_DECODE_MIN_BATCH  # so the scanned model's decoding loop is unrolled
     scanned_tokens = generate.decode(scanned, stacked, scanned_extend, max_new_tokens=6, eos_token_id=[]).tokens
     np.testing.assert_array_equal(scanned_tokens, ours.tokens)
 
