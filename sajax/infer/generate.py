@@ -212,8 +212,8 @@ def _extend(config: ModelConfig, slot, params, cache, key_mask, position, logits
 
 # From this many rows a scanned model decodes unrolled (`unrolled_for_decoding`). SmolLM2-135M-Instruct, 2 CPU cores,
 # ~300 cached slots, min of 5 calls of 24 steps, scanned vs unrolled: batch 32 170 vs 132 ms per step, batch 8 61 vs
-# 60, batch 4 52 vs 53, batch 1 32 vs 37 (one matrix-vector product per weight reads its slice without a copy;
-# the once-per-call copy then only costs). Greedy tokens equal.
+# 60, batch 4 52 vs 53, batch 1 32 vs 37 (why the scan is the faster one there was not looked into). Greedy tokens
+# equal.
 UNROLLED_DECODE_MIN_BATCH = 8
 
 
