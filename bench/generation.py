@@ -113,7 +113,7 @@ def main():
 
 def write_f32_copy(source: Path, out: Path) -> None:
     """`source` with every tensor dequantized to F32 (llama.cpp's layout kept) and its metadata copied."""
-    reader = gguf_lib.GGUFReader(source)
+    reader = gguf.reader_class()(source)
     arch = reader.fields[gguf_lib.Keys.General.ARCHITECTURE].contents()
     writer = gguf_lib.GGUFWriter(out, arch)
     for field in reader.fields.values():

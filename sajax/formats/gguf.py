@@ -21,6 +21,7 @@ a GGUF file works wherever a HF folder does (`init_from`, `sajax-generate --mode
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def is_gguf(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() == ".gguf"
 
 
+@functools.cache
 def reader_class():
     """The `gguf` package's GGUFReader, parsing over a plain ndarray view of its memory map.
 
